@@ -1,0 +1,48 @@
+"""The command line: load entry-point plugins, then LightningCLI over HSALitModule and any DataModule."""
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+from hsa_lightning.errors import ConfigError, PluginError
+from hsa_lightning.lit.module import HSALitModule
+from hsa_lightning.registry import load_plugins
+
+
+class HSALightningCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(
+            HSALitModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+
+def main(args=None) -> None:
+    load_plugins()  # before parsing, so short plugin names resolve in YAML and on the command line
+    import hsa_lightning.lit.synthetic_datamodule  # noqa: F401  (the built-in data source, by short name)
+
+    try:
+        HSALightningCLI(args=args)
+    except Exception as exc:
+        cause = _user_error(exc)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _user_error(exc: BaseException) -> BaseException | None:
+    """Our own configuration error, even when jsonargparse wrapped it while instantiating."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (ConfigError, PluginError)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None

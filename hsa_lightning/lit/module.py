@@ -1,0 +1,170 @@
+"""HSALitModule: trains and evaluates HSALM; plugins arrive as names or instances from LightningCLI."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from hsa_lightning.errors import ConfigError
+from hsa_lightning.model.attention_backend import AttentionBackend
+from hsa_lightning.model.config import ModelConfig
+from hsa_lightning.model.ffn import FFN
+from hsa_lightning.model.hsalm import HSALM
+from hsa_lightning.model.layout import LayerLayout, check_plan
+from hsa_lightning.model.position import PositionEncoding
+from hsa_lightning.registry import build_plugin
+
+_PRECISION_DTYPE = {"64": torch.float64, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up, then constant or cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 20
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim lr={self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim min_lr_ratio={self.min_lr_ratio} must be within [0, 1]")
+
+
+# A plugin argument is a registry name ("Flash"), an instance jsonargparse built from
+# {class_path, init_args}, or such a dict when jsonargparse could not resolve the name (we then
+# report the unknown name with the known ones).
+AttentionArg = Union[str, AttentionBackend, dict]
+LayoutArg = Union[str, LayerLayout, dict]
+PositionArg = Union[str, PositionEncoding, dict]
+FFNArg = Union[str, FFN, dict]
+
+
+class HSALitModule(L.LightningModule):
+    def __init__(
+        self,
+        config: Optional[ModelConfig] = None,
+        attention: AttentionArg = "HSAReference",
+        layout: LayoutArg = "UltraLong",
+        position: PositionArg = "RoPE",
+        ffn: FFNArg = "SwiGLU",
+        optim: Optional[OptimConfig] = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = _as(ModelConfig, config)
+        self.optim = _as(OptimConfig, optim)
+        self.attention = build_plugin("attention", attention)
+        self.layout = build_plugin("layout", layout)
+        self.position = build_plugin("position", position)
+        self.ffn = build_plugin("ffn", ffn)
+        # Everything that can be checked without a device is checked now, before any model exists.
+        self.attention.check_static(self.config.fusion)
+        check_plan(self.layout.plan(self.config.n_layers), self.config.n_layers, type(self.layout).__name__)
+        self.model: Optional[HSALM] = None
+        self._metrics: dict[str, MeanMetric] = {}  # kept out of the module tree (meta init would corrupt them)
+
+    # -- model ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:  # idempotent: Lightning may call it more than once
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.attention.check_runtime(device, self._compute_dtype())
+        self.model = HSALM(self.config, self.attention, self.layout, self.position, self.ffn)
+
+    def _compute_dtype(self) -> torch.dtype:
+        if self._trainer is None:
+            return torch.float32
+        return _PRECISION_DTYPE.get(str(self.trainer.precision).split("-")[0], torch.float32)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        vocab = getattr(dm, "vocab_size", None)
+        if vocab is not None and vocab > self.config.vocab_size:
+            raise ConfigError(
+                f"the data's tokenizer has vocab_size={vocab} but model config.vocab_size="
+                f"{self.config.vocab_size}; the embedding must cover every token id"
+            )
+        seq_len = getattr(dm, "seq_len", None)
+        if seq_len is not None and seq_len % self.config.chunk_size:
+            raise ConfigError(
+                f"data seq_len={seq_len} is not a multiple of model config.chunk_size={self.config.chunk_size}; "
+                f"packed training blocks must be chunk-aligned"
+            )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    # -- steps ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        nll, n = self.model.loss(batch["input_ids"], batch["labels"])
+        loss = nll / n.clamp_min(1)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
+        nll, n = self.model.loss(batch["input_ids"], batch["labels"])
+        self._metric(stage).update(nll / n.clamp_min(1), weight=n)
+
+    def _metric(self, stage: str) -> MeanMetric:
+        if stage not in self._metrics:
+            self._metrics[stage] = MeanMetric()
+        return self._metrics[stage].to(self.device)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        metric = self._metric(stage)
+        loss = metric.compute()  # token-weighted mean NLL, synced across ranks by torchmetrics
+        metric.reset()
+        self.log(f"{stage}/loss", loss, prog_bar=True)
+        self.log(f"{stage}/ppl", torch.exp(loss))
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=tuple(o.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def factor(step: int) -> float:
+            if step < o.warmup_steps:
+                return (step + 1) / o.warmup_steps
+            if o.schedule == "constant":
+                return 1.0
+            progress = min((step - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _as(cls, value):
+    """A dataclass from None (defaults), a dict (a checkpoint's hparams) or an instance."""
+    if value is None:
+        return cls()
+    return value if isinstance(value, cls) else cls(**value)

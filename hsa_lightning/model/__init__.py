@@ -1,0 +1,1 @@
+"""nn.Modules of the HSA-UltraLong model; nothing here imports Lightning."""

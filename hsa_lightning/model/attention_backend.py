@@ -1,0 +1,119 @@
+"""Attention-backend plugin kind: how attention is computed, not what it means.
+
+The model owns every parameter; a backend is a stateless strategy object the blocks call with
+tensors. It computes two things:
+  ``local_attention``   causal (optionally sliding-window) attention of SWA and full blocks
+  ``memory_attention``  what an HSA block's query reads from the shared chunk memory
+Backends declare their capabilities as class attributes; the model checks them when it is
+configured, never at the first forward.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from hsa_lightning.errors import PluginError
+from hsa_lightning.registry import Registry
+
+FUSIONS = ("softmax", "stick_breaking", "joint")
+
+
+@dataclass
+class ChunkMemory:
+    """The shared memory every HSA block reads, built once from the mid-layer state."""
+
+    k: torch.Tensor  # (B, Lm, Hkv, D), Lm a multiple of chunk_size (the last chunk may hold padding)
+    v: torch.Tensor  # (B, Lm, Hkv, D)
+    landmarks: torch.Tensor  # (B, Lm / chunk_size, Hkv, Dr), one per chunk and HSA KV head
+    chunk_size: int
+
+
+@dataclass
+class Selection:
+    """Which chunks each token reads and how their outputs are fused (one row per HSA KV head)."""
+
+    indices: torch.Tensor  # (B, T, Hkv, K) int64; padding slots hold a valid index and weight 0
+    weights: torch.Tensor  # (B, T, Hkv, K) float32 fusion weights
+    joint: bool = False  # ablation: one softmax over the union of the selected chunks, weights = slot mask
+
+
+class AttentionBackend:
+    #: whether HSA blocks must run retrieval before ``memory_attention``
+    needs_retrieval: ClassVar[bool] = True
+    #: device types (``torch.device.type``) the backend runs on
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})
+    #: parameter/compute dtypes it supports
+    dtypes: ClassVar[frozenset[torch.dtype]] = frozenset(
+        {torch.float64, torch.float32, torch.bfloat16, torch.float16}
+    )
+    #: importable modules it needs (for example ``("triton",)``)
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: fusion rules (model config ``fusion``) it implements
+    fusions: ClassVar[frozenset[str]] = frozenset(FUSIONS)
+    #: extra names it can be selected by
+    aliases: ClassVar[tuple[str, ...]] = ()
+
+    # -- capabilities --------------------------------------------------------------------------
+    def check_static(self, fusion: str) -> None:
+        """Checks that need no device: dependencies and semantics. Raised at configuration time."""
+        name = type(self).__name__
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise PluginError(f"attention backend {name} needs {', '.join(missing)}, which is not installed")
+        if fusion not in self.fusions:
+            raise PluginError(
+                f"attention backend {name} does not support fusion={fusion!r}; it supports {sorted(self.fusions)}"
+            )
+
+    def check_runtime(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Checks against the device and dtype the model is configured for."""
+        name = type(self).__name__
+        if device.type not in self.devices:
+            raise PluginError(
+                f"attention backend {name} does not run on device={device.type!r}; it runs on {sorted(self.devices)}"
+            )
+        if dtype not in self.dtypes:
+            raise PluginError(
+                f"attention backend {name} does not support dtype={dtype}; it supports "
+                f"{sorted(str(d) for d in self.dtypes)}"
+            )
+
+    # -- compute -------------------------------------------------------------------------------
+    def local_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+    ) -> torch.Tensor:
+        """Causal attention, (B, T, H, D) x (B, T, Hkv, D) -> (B, T, H, D).
+
+        Token t sees keys t-window+1 .. t (``window`` keys including itself), or all of 0..t when
+        ``window`` is None. This default is exact everywhere; backends override it with faster kernels.
+        """
+        T = q.shape[1]
+        qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+        gqa = qh.shape[1] != kh.shape[1]
+        if window is None or window >= T:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+        else:
+            mask = sliding_window_mask(T, window, q.device)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+        return out.transpose(1, 2)
+
+    def memory_attention(
+        self, q: torch.Tensor, memory: ChunkMemory, selection: Selection | None
+    ) -> torch.Tensor:
+        """What HSA queries (B, T, H, D) read from ``memory``; ``selection`` is None when
+        ``needs_retrieval`` is False. Must return zeros for tokens that see no complete chunk."""
+        raise NotImplementedError
+
+
+def sliding_window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool, True where query t may attend key j: t - window < j <= t."""
+    t = torch.arange(T, device=device)
+    diff = t[:, None] - t[None, :]
+    return (diff >= 0) & (diff < window)
+
+
+ATTENTION: Registry[AttentionBackend] = Registry("attention", AttentionBackend)

@@ -1,0 +1,65 @@
+"""HSALM: the HSA-UltraLong language model, assembled from a layout and plugins.
+
+    embed -> blocks in layout order; at the ``encoder`` step the chunk encoder turns the current
+    hidden state into the shared memory (K, V, landmarks) that every later HSA block reads
+    -> final norm -> tied LM head -> chunked cross-entropy
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hsa_lightning.model.attention_backend import AttentionBackend
+from hsa_lightning.model.blocks import Block, HSABlock
+from hsa_lightning.model.chunk_encoder import ChunkEncoder
+from hsa_lightning.model.config import ModelConfig
+from hsa_lightning.model.ffn import FFN
+from hsa_lightning.model.layers import Embedding, RMSNorm, chunked_cross_entropy
+from hsa_lightning.model.layout import ENCODER, FULL, HSA, SWA, LayerLayout, check_plan
+from hsa_lightning.model.position import PositionEncoding
+
+
+class HSALM(nn.Module):
+    def __init__(self, config: ModelConfig, attention: AttentionBackend, layout: LayerLayout,
+                 position: PositionEncoding, ffn: FFN):
+        super().__init__()
+        self.config = config
+        self.plan = check_plan(layout.plan(config.n_layers), config.n_layers, type(layout).__name__)
+        self.embed = Embedding(config.vocab_size, config.d_model, config.init_std)
+        self.blocks = nn.ModuleList()
+        self.encoder: ChunkEncoder | None = None
+        self.encoder_at = -1  # index of the first block that runs after the encoder
+        for step in self.plan:
+            i = len(self.blocks)
+            if step == ENCODER:
+                self.encoder, self.encoder_at = ChunkEncoder(config, position, attention, ffn), i
+            elif step == HSA:
+                self.blocks.append(HSABlock(config, position, attention, ffn, i))
+            else:
+                window = config.window if step == SWA else None
+                assert step in (SWA, FULL)
+                self.blocks.append(Block(config, window, position, attention, ffn, i))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) final-normed hidden states; any T >= 1."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.embed(input_ids)
+        memory = None
+        for i, block in enumerate(self.blocks):
+            if i == self.encoder_at:
+                memory = self.encoder(x)
+            x = block(x, positions, memory) if isinstance(block, HSABlock) else block(x, positions)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V). For training use ``loss``, which never holds all logits at once."""
+        return self.hidden_states(input_ids) @ self.embed.weight.t()
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of token NLLs, number of scored tokens); ``labels`` -100 are not scored."""
+        h = self.hidden_states(input_ids)
+        return chunked_cross_entropy(h, self.embed.weight, labels, self.config.loss_chunk_tokens)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

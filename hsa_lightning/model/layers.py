@@ -1,0 +1,64 @@
+"""Small building blocks whose ``reset_parameters`` give the model's init, so a model built on the
+meta device and materialised by the strategy starts exactly like one built eagerly."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias, initialised N(0, std)."""
+
+    def __init__(self, in_features: int, out_features: int, std: float):
+        self.std = std
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, num_embeddings: int, dim: int, std: float):
+        self.std = std
+        super().__init__(num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of token NLLs and the number of scored tokens, without a (B*T, V) fp32 logit tensor.
+
+    Logits are built ``chunk_tokens`` rows at a time and recomputed in backward (checkpointed), so peak
+    memory is one slice's logits. Labels equal to -100 are ignored.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        sl = slice(start, start + chunk_tokens)
+        total = total + torch.utils.checkpoint.checkpoint(
+            _slice_nll, h[sl], head_weight, y[sl], use_reentrant=False
+        )
+    return total, (y != -100).sum()
+
+
+def _slice_nll(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100, reduction="sum")

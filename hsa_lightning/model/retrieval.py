@@ -1,0 +1,39 @@
+"""The retrieval layer in front of each HSA block: which chunks every token reads, and their weights."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hsa_lightning.kernels.retrieval import fusion_weights, retrieval_scores, select_chunks
+from hsa_lightning.model.attention_backend import Selection
+from hsa_lightning.model.config import ModelConfig
+from hsa_lightning.model.layers import Linear, RMSNorm
+
+
+class Retrieval(nn.Module):
+    """q_slc = W norm(x) per retrieval head (= HSA KV head); top-k over visible landmarks; fusion weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.heads = cfg.hsa_kv_heads
+        self.top_k, self.chunk_size = cfg.top_k, cfg.chunk_size
+        self.fusion, self.gumbel_noise = cfg.fusion, cfg.gumbel_noise
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.proj = Linear(cfg.d_model, cfg.resolved_retrieval_dim, cfg.init_std)
+        # Learnable recency bias theta (init 0): slot j of the recency-sorted list gets + j * theta.
+        self.recency = nn.Parameter(torch.zeros(())) if cfg.recency_bias else None
+
+    def reset_parameters(self) -> None:
+        if self.recency is not None:
+            nn.init.zeros_(self.recency)
+
+    def forward(self, x: torch.Tensor, landmarks: torch.Tensor) -> Selection:
+        B, T, _ = x.shape
+        q = self.proj(self.norm(x)).view(B, T, self.heads, -1)
+        scores = retrieval_scores(q, landmarks, self.chunk_size)
+        noise = None
+        if self.gumbel_noise and self.training:
+            noise = -torch.log(torch.empty_like(scores).exponential_())  # Gumbel(0, 1)
+        indices, valid = select_chunks(scores, self.top_k, self.chunk_size, noise)
+        weights = fusion_weights(scores, indices, valid, self.fusion, self.recency)
+        return Selection(indices=indices, weights=weights, joint=self.fusion == "joint")

@@ -1,0 +1,3 @@
+from hsa_lightning.kernels.retrieval.naive import fusion_weights, retrieval_scores, select_chunks
+
+__all__ = ["fusion_weights", "retrieval_scores", "select_chunks"]

@@ -1,0 +1,82 @@
+"""Reference retrieval: landmark scores, the visibility rule, top-k selection and fusion weights.
+
+Chunk i is visible to token t iff (i+1) * S <= t: complete and strictly in the past. The token's
+own chunk is covered by SWA only. Shapes: q_slc (B, T, Hkv, Dr); landmarks (B, C, Hkv, Dr);
+scores (B, T, Hkv, C). This materialises the [T, C] score matrix; the fused Triton op must not.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def visible_chunks(T: int, C: int, chunk_size: int, device: torch.device) -> torch.Tensor:
+    """(T, C) bool: chunk i visible to token t iff (i + 1) * chunk_size <= t."""
+    t = torch.arange(T, device=device)[:, None]
+    i = torch.arange(C, device=device)[None, :]
+    return (i + 1) * chunk_size <= t
+
+
+def retrieval_scores(q_slc: torch.Tensor, landmarks: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """s[t, i] = <q_slc[t], lmk[i]> / sqrt(Dr) in float32 (float64 stays), -inf where not visible."""
+    dtype = torch.float64 if q_slc.dtype == torch.float64 else torch.float32
+    s = torch.einsum("bthd,bchd->bthc", q_slc.to(dtype), landmarks.to(dtype)) / math.sqrt(q_slc.shape[-1])
+    mask = visible_chunks(q_slc.shape[1], landmarks.shape[1], chunk_size, q_slc.device)
+    return s.masked_fill(~mask[None, :, None, :], float("-inf"))
+
+
+def select_chunks(
+    scores: torch.Tensor, top_k: int, chunk_size: int, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k visible chunks per (token, head), most recent first.
+
+    Returns ``indices`` (B, T, Hkv, K) int64 with K = min(top_k, C) and ``valid`` (same shape, bool).
+    Token t has t // S visible chunks, so slot j is valid iff j < t // S; invalid slots carry index 0.
+    ``noise`` (same shape as scores, e.g. Gumbel) perturbs the choice only, never the weights.
+    """
+    B, T, Hkv, C = scores.shape
+    K = min(top_k, C)
+    ranked = scores if noise is None else scores + noise
+    top = torch.topk(ranked, K, dim=-1).indices  # sorted by score: visible (finite) scores come first
+    n_visible = torch.arange(T, device=scores.device) // chunk_size
+    valid = torch.arange(K, device=scores.device)[None, :] < n_visible[:, None]  # (T, K)
+    top = torch.where(valid[None, :, None, :], top, torch.full_like(top, -1))
+    top = torch.sort(top, dim=-1, descending=True).values  # most recent first, invalid (-1) last
+    valid = top >= 0
+    return top.clamp_min(0), valid
+
+
+def fusion_weights(
+    scores: torch.Tensor,
+    indices: torch.Tensor,
+    valid: torch.Tensor,
+    rule: str = "softmax",
+    recency: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weights (B, T, Hkv, K) from the clean scores of the selected chunks; 0 on invalid slots.
+
+    ``softmax`` (the paper): softmax over the selected scores. ``stick_breaking`` (RAMba):
+    w_k = sigmoid(s_k) * prod_{j<k} (1 - sigmoid(s_j)) in recency order. ``joint``: the slot mask;
+    attention then takes one softmax over the union. ``recency`` (a scalar tensor) adds slot_rank * recency
+    to the selected scores. Gradients reach the scores, hence q_slc and the landmarks, only through here.
+    """
+    if rule == "joint":
+        return valid.to(torch.float32)
+    s = torch.gather(scores, -1, indices)
+    if recency is not None:
+        rank = torch.arange(s.shape[-1], device=s.device, dtype=s.dtype)
+        s = s + rank * recency.to(s.dtype)
+    if rule == "softmax":
+        m = torch.where(valid, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+        e = torch.exp(torch.where(valid, s, m) - m) * valid
+        w = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+    elif rule == "stick_breaking":
+        s = torch.where(valid, s, torch.zeros_like(s))
+        remaining = torch.cumsum(F.logsigmoid(-s) * valid, dim=-1) - F.logsigmoid(-s) * valid
+        w = torch.exp(F.logsigmoid(s) + remaining) * valid
+    else:
+        raise ValueError(f"fusion rule {rule!r} is not one of softmax, stick_breaking, joint")
+    return w if w.dtype == torch.float64 else w.to(torch.float32)

@@ -1,0 +1,59 @@
+"""Flash: the full-attention baseline on the same model.
+
+HSA blocks attend densely to every visible chunk of the shared memory instead of a sparse top-k
+(retrieval is skipped; its parameters stay, so checkpoints swap between backends). "Causal" over the
+memory means chunk-causal: key j is visible to token t iff j < S * floor(t / S). A plain token-causal
+mask would leak the future, because the chunk encoder is bidirectional inside a chunk. SWA and full
+blocks use FlashAttention's kernels where the ``flash_attn`` package is installed, else
+``scaled_dot_product_attention`` preferring the cuDNN and flash backends on GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, Selection
+
+_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+class Flash(AttentionBackend):
+    needs_retrieval = False
+
+    def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        window: Optional[int]) -> torch.Tensor:
+        if _HAS_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            from flash_attn import flash_attn_func
+
+            # flash_attn's window (left, right) counts keys beside the query; ours counts the query too.
+            left = -1 if window is None else window - 1
+            return flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
+        with _prefer_fused_sdpa(q):
+            return super().local_attention(q, k, v, window)
+
+    def memory_attention(self, q: torch.Tensor, memory: ChunkMemory,
+                         selection: Optional[Selection]) -> torch.Tensor:
+        T, Lm, S = q.shape[1], memory.k.shape[1], memory.chunk_size
+        t = torch.arange(T, device=q.device)
+        visible_until = (t // S) * S  # keys [0, visible_until) are complete past chunks
+        mask = torch.arange(Lm, device=q.device)[None, :] < visible_until[:, None]
+        mask[:, 0] |= visible_until == 0  # rows with nothing visible read key 0 and are zeroed below
+        qh, kh, vh = q.transpose(1, 2), memory.k.transpose(1, 2), memory.v.transpose(1, 2)
+        with _prefer_fused_sdpa(q):
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
+                                                 enable_gqa=qh.shape[1] != kh.shape[1])
+        return out.transpose(1, 2) * (visible_until > 0)[None, :, None, None].to(out.dtype)
+
+
+def _prefer_fused_sdpa(q: torch.Tensor):
+    if not q.is_cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)

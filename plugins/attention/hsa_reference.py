@@ -1,0 +1,22 @@
+"""HSAReference: the exact HSA operator in plain PyTorch (any device, any dtype, any head ratio)."""
+from __future__ import annotations
+
+import torch
+
+from hsa_lightning.kernels.hsa import hsa_attention_reference, joint_chunk_attention_reference
+from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, Selection
+
+
+class HSAReference(AttentionBackend):
+    """Sparse chunk attention through ``kernels/hsa/naive.py``: slow, exact, float64-capable."""
+
+    aliases = ("reference",)
+
+    def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection) -> torch.Tensor:
+        if selection.joint:
+            return joint_chunk_attention_reference(
+                q, memory.k, memory.v, selection.weights > 0, selection.indices, memory.chunk_size
+            )
+        return hsa_attention_reference(
+            q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size
+        )

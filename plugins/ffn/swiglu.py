@@ -1,0 +1,37 @@
+"""SwiGLU: the dense feed-forward, down(silu(gate(x)) * up(x))."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hsa_lightning.errors import ConfigError
+from hsa_lightning.model.ffn import FFN
+from hsa_lightning.model.layers import Linear
+
+
+class SwiGLU(FFN):
+    def __init__(self, hidden_size: Optional[int] = None, multiple_of: int = 64):
+        """``hidden_size`` default: 8/3 * d_model rounded up to a multiple of ``multiple_of``."""
+        if hidden_size is not None and hidden_size < 1:
+            raise ConfigError(f"SwiGLU hidden_size={hidden_size} must be >= 1")
+        if multiple_of < 1:
+            raise ConfigError(f"SwiGLU multiple_of={multiple_of} must be >= 1")
+        self.hidden_size, self.multiple_of = hidden_size, multiple_of
+
+    def build(self, d_model: int, layer_index: int, init_std: float, out_std: float) -> nn.Module:
+        hidden = self.hidden_size or -(-(8 * d_model // 3) // self.multiple_of) * self.multiple_of
+        return SwiGLUMLP(d_model, hidden, init_std, out_std)
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int, std: float, out_std: float):
+        super().__init__()
+        self.gate = Linear(d_model, hidden, std)
+        self.up = Linear(d_model, hidden, std)
+        self.down = Linear(hidden, d_model, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))

@@ -1,0 +1,48 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hsa_lightning.model.config import ModelConfig
+from hsa_lightning.model.hsalm import HSALM
+from hsa_lightning.registry import load_plugins, registry
+
+ROOT = Path(__file__).resolve().parents[1]
+load_plugins()
+
+
+def plugin(kind: str, name: str, **kwargs):
+    return registry(kind).get(name)(**kwargs)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, hsa_kv_heads=2,
+                chunk_size=8, top_k=2, window=6)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def build_model(attention="HSAReference", layout=("UltraLong", {"groups": 1}), seed=0, dtype=torch.float64,
+                **overrides) -> HSALM:
+    name, args = layout if isinstance(layout, tuple) else (layout, {})
+    torch.manual_seed(seed)
+    model = HSALM(tiny_config(**overrides), plugin("attention", attention), plugin("layout", name, **args),
+                  plugin("position", "RoPE"), plugin("ffn", "SwiGLU"))
+    return model.to(dtype)
+
+
+def run_cli(args, tmp_path, timeout=600, env_extra=None):
+    """Run ``python cli.py ...`` in a subprocess from the repository root."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
