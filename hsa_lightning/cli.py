@@ -8,11 +8,13 @@ from lightning.pytorch.cli import LightningCLI
 
 from hsa_lightning.errors import ConfigError, PluginError
 from hsa_lightning.lit.module import HSALitModule
+from hsa_lightning.lit.synthetic_datamodule import SyntheticDataModule  # noqa: F401  (found by short name)
 from hsa_lightning.registry import load_plugins
 
 
 class HSALightningCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
+        load_plugins()  # before parsing, so short plugin names resolve in YAML and on the command line
         super().__init__(
             HSALitModule,
             LightningDataModule,
@@ -24,9 +26,6 @@ class HSALightningCLI(LightningCLI):
 
 
 def main(args=None) -> None:
-    load_plugins()  # before parsing, so short plugin names resolve in YAML and on the command line
-    import hsa_lightning.lit.synthetic_datamodule  # noqa: F401  (the built-in data source, by short name)
-
     try:
         HSALightningCLI(args=args)
     except Exception as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hsa_lightning.registry import Registry
+from hsa_lightning.registry import Registry, kind_registry
 
 
 class CurriculumStage:
@@ -18,4 +18,4 @@ class CurriculumStage:
         raise NotImplementedError
 
 
-CURRICULUM: Registry[CurriculumStage] = Registry("curriculum", CurriculumStage)
+CURRICULUM: Registry[CurriculumStage] = kind_registry("curriculum", CurriculumStage)

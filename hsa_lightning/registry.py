@@ -38,7 +38,6 @@ class Registry(Generic[T]):
         self.group = f"hsa_lightning.{kind}"
         self._entries: dict[str, _Entry] = {}
         self._broken: dict[str, str] = {}  # entry-point name -> why it failed to load
-        _REGISTRIES[kind] = self
 
     # -- filling -------------------------------------------------------------------------------
     def add(self, name: str, cls: type, origin: str = "") -> None:
@@ -105,6 +104,12 @@ class Registry(Generic[T]):
 
 
 _REGISTRIES: dict[str, Registry] = {}
+
+
+def kind_registry(kind: str, base: type[T]) -> Registry[T]:
+    """Create the process-wide registry of ``kind``; called once by the module defining ``base``."""
+    _REGISTRIES[kind] = Registry(kind, base)
+    return _REGISTRIES[kind]
 
 
 def registry(kind: str) -> Registry:

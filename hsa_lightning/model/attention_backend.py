@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hsa_lightning.errors import PluginError
-from hsa_lightning.registry import Registry
+from hsa_lightning.registry import Registry, kind_registry
 
 FUSIONS = ("softmax", "stick_breaking", "joint")
 
@@ -116,4 +116,4 @@ def sliding_window_mask(T: int, window: int, device: torch.device) -> torch.Tens
     return (diff >= 0) & (diff < window)
 
 
-ATTENTION: Registry[AttentionBackend] = Registry("attention", AttentionBackend)
+ATTENTION: Registry[AttentionBackend] = kind_registry("attention", AttentionBackend)

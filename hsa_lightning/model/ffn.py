@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from hsa_lightning.registry import Registry
+from hsa_lightning.registry import Registry, kind_registry
 
 
 class FFN:
@@ -17,4 +17,4 @@ class FFN:
         raise NotImplementedError
 
 
-FFN_REGISTRY: Registry[FFN] = Registry("ffn", FFN)
+FFN_REGISTRY: Registry[FFN] = kind_registry("ffn", FFN)

@@ -10,7 +10,7 @@ Every ``hsa`` step must come after exactly one ``encoder`` step.
 from __future__ import annotations
 
 from hsa_lightning.errors import ConfigError
-from hsa_lightning.registry import Registry
+from hsa_lightning.registry import Registry, kind_registry
 
 SWA, FULL, HSA, ENCODER = "swa", "full", "hsa", "encoder"
 
@@ -35,4 +35,4 @@ def check_plan(plan: list[str], n_layers: int, owner: str) -> list[str]:
     return plan
 
 
-LAYOUT: Registry[LayerLayout] = Registry("layout", LayerLayout)
+LAYOUT: Registry[LayerLayout] = kind_registry("layout", LayerLayout)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from hsa_lightning.registry import Registry
+from hsa_lightning.registry import Registry, kind_registry
 
 
 class PositionEncoding:
@@ -16,4 +16,4 @@ class PositionEncoding:
         raise NotImplementedError
 
 
-POSITION: Registry[PositionEncoding] = Registry("position", PositionEncoding)
+POSITION: Registry[PositionEncoding] = kind_registry("position", PositionEncoding)

@@ -1,0 +1,128 @@
+"""Model-level behaviour: causality, the first chunk, padding, gradient paths, init."""
+import pytest
+import torch
+
+from conftest import build_model
+
+LAYOUTS = [
+    ("UltraLong", {"groups": 1}),
+    ("UltraLong", {"groups": 2}),
+    ("Dense", {}),
+    ("SWA", {}),
+    ("Pattern", {"pattern": "S|HFH"}),
+]
+
+
+@pytest.mark.parametrize("attention", ["HSAReference", "Flash"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"{x[0]}{x[1]}")
+def test_future_tokens_never_change_past_logits(attention, layout):
+    model = build_model(attention, layout).eval()
+    x = torch.randint(0, 64, (2, 43))
+    base = model(x)
+    for t in (0, 7, 8, 15, 16, 30):
+        y = x.clone()
+        y[:, t + 1:] = torch.randint(0, 64, y[:, t + 1:].shape)
+        out = model(y)
+        torch.testing.assert_close(out[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-12)
+        assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])  # the perturbation is visible later
+
+
+@pytest.mark.parametrize("fusion", ["stick_breaking", "joint"])
+@pytest.mark.parametrize("options", [{}, {"landmark": "mean", "recency_bias": True, "hsa_residual": "standard"}])
+def test_causality_holds_for_hsa_options(fusion, options):
+    model = build_model(fusion=fusion, **options).eval()
+    x = torch.randint(0, 64, (1, 40))
+    y = x.clone()
+    y[:, 20:] = (y[:, 20:] + 1) % 64
+    torch.testing.assert_close(model(y)[:, :20], model(x)[:, :20], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["HSAReference", "Flash"])
+def test_first_chunk_equals_model_with_hsa_output_forced_to_zero(attention, monkeypatch):
+    model = build_model(attention, ("UltraLong", {"groups": 2})).eval()
+    x = torch.randint(0, 64, (2, 32))
+    normal = model(x)
+    backend = model.blocks[2].backend
+    monkeypatch.setattr(backend, "memory_attention", lambda q, memory, selection: torch.zeros_like(q))
+    zeroed = model(x)
+    S = model.config.chunk_size
+    torch.testing.assert_close(normal[:, :S], zeroed[:, :S], rtol=0, atol=0)
+    assert not torch.allclose(normal[:, S:], zeroed[:, S:])
+
+
+@pytest.mark.parametrize("attention", ["HSAReference", "Flash"])
+def test_length_not_a_multiple_of_chunk_size_matches_longer_input(attention):
+    model = build_model(attention).eval()
+    x = torch.randint(0, 64, (2, 48))
+    for T in (1, 5, 9, 37):
+        torch.testing.assert_close(model(x[:, :T]), model(x)[:, :T], rtol=0, atol=1e-12)
+
+
+def test_retrieval_learns_only_through_the_fusion_weights(monkeypatch):
+    from hsa_lightning.model.retrieval import Retrieval
+
+    def grads(detach_weights: bool):
+        model = build_model(layout=("UltraLong", {"groups": 2}))
+        if detach_weights:
+            original = Retrieval.forward
+
+            def detached(self, x, landmarks):
+                sel = original(self, x, landmarks)
+                sel.weights = sel.weights.detach()
+                return sel
+
+            monkeypatch.setattr(Retrieval, "forward", detached)
+        x = torch.randint(0, 64, (2, 40))
+        nll, n = model.loss(x, x)
+        nll.backward()
+        monkeypatch.undo()
+        retrieval = [model.blocks[i].retrieval.proj.weight.grad for i in (2, 3)]
+        return retrieval, model.encoder.landmark_proj.weight.grad
+
+    retrieval, landmark = grads(detach_weights=False)
+    assert all(g.abs().sum() > 0 for g in retrieval) and landmark.abs().sum() > 0
+    retrieval, landmark = grads(detach_weights=True)
+    assert all(g is None or g.abs().sum() == 0 for g in retrieval)
+    assert landmark is None or landmark.abs().sum() == 0
+
+
+def test_backends_share_parameters_so_checkpoints_swap():
+    hsa, flash = build_model("HSAReference"), build_model("Flash", seed=1)
+    flash.load_state_dict(hsa.state_dict(), strict=True)
+    x = torch.randint(0, 64, (1, 8))  # no visible chunk yet: both backends agree
+    torch.testing.assert_close(hsa(x), flash(x))
+
+
+def test_loss_is_mean_token_nll_and_ignores_minus_100():
+    model = build_model(loss_chunk_tokens=7)
+    x = torch.randint(0, 64, (2, 20))
+    labels = x.roll(-1, 1)
+    labels[:, -3:] = -100
+    nll, n = model.loss(x, labels)
+    expected = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                 reduction="sum")
+    assert n == 2 * 17
+    torch.testing.assert_close(nll.double(), expected.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [("UltraLong", {"groups": 2}), ("Dense", {})], ids=str)
+def test_every_param_owning_module_resets_and_meta_build_materialises(layout):
+    eager = build_model(layout=layout, dtype=torch.float32, recency_bias=True)
+    for name, module in eager.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            assert hasattr(module, "reset_parameters"), f"{name} ({type(module).__name__}) owns parameters"
+    with torch.device("meta"):
+        meta = build_model(layout=layout, dtype=torch.float32, recency_bias=True)
+    meta.to_empty(device="cpu")
+    for module in meta.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.reset_parameters()
+    for (name, a), (_, b) in zip(eager.named_parameters(), meta.named_parameters()):
+        assert torch.isfinite(b).all(), name
+        if b.ndim == 1 or b.numel() == 1:  # norms start at one, biases/recency at zero, CLS is random
+            if "cls" not in name:
+                torch.testing.assert_close(a, b, msg=name)
+        else:
+            assert abs(a.std().item() - b.std().item()) < 0.25 * a.std().item(), name
+    x = torch.randint(0, 64, (1, 24))
+    assert torch.isfinite(meta(x)).all()
