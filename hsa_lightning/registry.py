@@ -48,14 +48,16 @@ class Registry(Generic[T]):
                 f"which is not a subclass of {self.base.__module__}.{self.base.__qualname__}"
             )
         origin = origin or f"{cls.__module__}:{cls.__qualname__}"
-        for alias in dict.fromkeys((name, cls.__name__, *getattr(cls, "aliases", ()))):
+        names = list(dict.fromkeys((name, cls.__name__, *getattr(cls, "aliases", ()))))
+        for alias in names:  # check every name before adding any, so a clash leaves no half entry
             known = self._entries.get(alias)
             if known is not None and known.cls is not cls:
                 raise PluginError(
                     f"{self.kind} plugin name {alias!r} is claimed twice: by {known.origin} "
                     f"and by {origin}; uninstall one of them or rename its entry point"
                 )
-            self._entries[alias] = _Entry(cls, origin)
+        for alias in names:
+            self._entries.setdefault(alias, _Entry(cls, origin))
 
     def load_entry_points(self, entry_points: Iterable[metadata.EntryPoint] | None = None) -> None:
         """Import every entry point of this kind's group; a broken one is remembered, not fatal."""
@@ -81,13 +83,20 @@ class Registry(Generic[T]):
         return sorted(self._entries)
 
     def get(self, name: str) -> type[T]:
+        return self._lookup(name).cls
+
+    def origin(self, name: str) -> str:
+        """Where the plugin called ``name`` came from (distribution and entry point)."""
+        return self._lookup(name).origin
+
+    def _lookup(self, name: str) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:  # forgive case: "flash" finds "Flash" when that is unambiguous
-            folded = [k for k in self._entries if k.lower() == name.lower()]
-            if len({self._entries[k].cls for k in folded}) == 1:
-                entry = self._entries[folded[0]]
+            folded = {self._entries[k] for k in self._entries if k.lower() == name.lower()}
+            if len({e.cls for e in folded}) == 1:
+                entry = folded.pop()
         if entry is not None:
-            return entry.cls
+            return entry
         if name in self._broken:
             raise PluginError(self._broken[name])
         known = self.names()
@@ -97,10 +106,6 @@ class Registry(Generic[T]):
             f"unknown {self.kind} plugin {name!r}; known {self.kind} plugins: "
             f"{', '.join(known) or '(none)'}{hint}"
         )
-
-    def origin(self, name: str) -> str:
-        self.get(name)
-        return self._entries[name].origin
 
 
 _REGISTRIES: dict[str, Registry] = {}
@@ -135,8 +140,8 @@ def load_plugins() -> None:
 
 
 def _import_bases() -> None:
-    # The base classes create their registries on import; importing here keeps registry.py free
-    # of an import cycle with the modules that subclass Registry's users.
+    # Each base class's module creates its kind's registry on import. Importing them lazily, here,
+    # avoids a cycle: those modules import this one for Registry.
     import hsa_lightning.curriculum  # noqa: F401
     import hsa_lightning.model.attention_backend  # noqa: F401
     import hsa_lightning.model.ffn  # noqa: F401

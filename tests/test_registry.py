@@ -58,6 +58,7 @@ def test_collision_between_two_classes_is_an_error_naming_both_origins():
         "attention plugin name 'mine' is claimed twice: by dist-a 1.0 (a:Mine) and by dist-b 2.0 (b:Other); "
         "uninstall one of them or rename its entry point"
     )
+    assert "_Other" not in reg.names()  # the clash left nothing of the second class behind
 
 
 def test_non_subclass_is_rejected():
