@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -15,6 +16,7 @@ from hsa_lightning.registry import load_plugins
 class HSALightningCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
         load_plugins()  # before parsing, so short plugin names resolve in YAML and on the command line
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config field docs in --help
         super().__init__(
             HSALitModule,
             LightningDataModule,

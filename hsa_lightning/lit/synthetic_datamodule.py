@@ -35,9 +35,11 @@ class SyntheticDataModule(L.LightningDataModule):
                  val_samples: int = 64, test_samples: int = 64, needle_share: float = 0.25,
                  seed: int = 0, num_workers: int = 0):
         super().__init__()
-        for name in ("seq_len", "batch_size", "train_samples", "val_samples", "test_samples"):
-            if locals()[name] < 1:
-                raise ConfigError(f"data {name}={locals()[name]} must be >= 1")
+        counts = dict(seq_len=seq_len, batch_size=batch_size, train_samples=train_samples,
+                      val_samples=val_samples, test_samples=test_samples)
+        for name, value in counts.items():
+            if value < 1:
+                raise ConfigError(f"data {name}={value} must be >= 1")
         if not 0.0 <= needle_share <= 1.0:
             raise ConfigError(f"data needle_share={needle_share} must be within [0, 1]")
         if num_workers < 0:

@@ -15,7 +15,7 @@ from hsa_lightning.model.chunk_encoder import ChunkEncoder
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.ffn import FFN
 from hsa_lightning.model.layers import Embedding, RMSNorm, chunked_cross_entropy
-from hsa_lightning.model.layout import ENCODER, FULL, HSA, SWA, LayerLayout, check_plan
+from hsa_lightning.model.layout import ENCODER, HSA, SWA, LayerLayout, check_plan
 from hsa_lightning.model.position import PositionEncoding
 
 
@@ -35,9 +35,8 @@ class HSALM(nn.Module):
                 self.encoder, self.encoder_at = ChunkEncoder(config, position, attention, ffn), i
             elif step == HSA:
                 self.blocks.append(HSABlock(config, position, attention, ffn, i))
-            else:
+            else:  # SWA or FULL (check_plan rejected anything else)
                 window = config.window if step == SWA else None
-                assert step in (SWA, FULL)
                 self.blocks.append(Block(config, window, position, attention, ffn, i))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
 
