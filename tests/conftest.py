@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run through the interpreter on CPU (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.hsalm import HSALM
 from hsa_lightning.registry import load_plugins, registry

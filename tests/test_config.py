@@ -59,7 +59,7 @@ def test_cli_reports_config_errors_cleanly_with_exit_code_2(tmp_path):
     res = run_cli(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.attention", "Flsh"], tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == (
-        "error: unknown attention plugin 'Flsh'; known attention plugins: Flash, HSAReference, reference; "
+        "error: unknown attention plugin 'Flsh'; known attention plugins: Flash, HSAReference, HSATriton, reference, triton; "
         "did you mean 'Flash'?"
     )
     assert not (tmp_path / "runs").exists()  # nothing was written

@@ -33,7 +33,7 @@ def test_unknown_name_lists_known_names_and_closest_match():
     with pytest.raises(PluginError) as err:
         registry("attention").get("Flsh")
     assert str(err.value) == (
-        "unknown attention plugin 'Flsh'; known attention plugins: Flash, HSAReference, reference; "
+        "unknown attention plugin 'Flsh'; known attention plugins: Flash, HSAReference, HSATriton, reference, triton; "
         "did you mean 'Flash'?"
     )
     with pytest.raises(PluginError, match=r"^unknown layout plugin 'zzz'; known layout plugins: Dense, Pattern, SWA, UltraLong$"):

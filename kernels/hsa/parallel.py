@@ -1,0 +1,333 @@
+"""HSA attention in Triton: forward, query-centric dQ/dw, key-centric dK/dV. No atomics, no host sync.
+
+Semantics are exactly ``naive.hsa_attention_reference``. Layout of the work:
+
+* Tokens are processed in blocks of BT tokens x the G query heads of one KV head (BT * G_PAD >= 16 rows
+  share every K/V tile, so any group size G works, including 1). A block iterates over the *union* of
+  its tokens' selected chunks (built once with sorts, O(L*k)); a row whose token did not pick the chunk
+  gets weight 0. Duplicate indices are therefore harmless: their weights add, as in the reference.
+* Each chunk is one S-key tile: the softmax over it needs no online rescaling, and the backward
+  recomputes it instead of saving statistics. Nothing but the output is saved.
+* dQ and dw: one pass per token block (like the forward). dw of a slot = sum over the group's heads of
+  <o_slot, dO>, computed in-tile as rowsum(P * dP).
+* dK and dV: one program per (chunk, batch, KV head) over the compact list of (token, slot) pairs that
+  picked the chunk (a CSR built by a stable sort), so every gradient is written once: deterministic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+ROWS_PER_TILE = 64  # target rows (tokens x heads) sharing one K/V tile
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def tile_shape(group: int, rows: int = ROWS_PER_TILE) -> tuple[int, int]:
+    """(tokens per block BT, padded group G_PAD) with BT * G_PAD >= 16 rows, both powers of two."""
+    g_pad = _pow2(group)
+    return max(1, max(rows, 16) // g_pad), g_pad
+
+
+def block_union(indices: torch.Tensor, block_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, KV head, token block): the distinct chunks its tokens selected, most recent first.
+
+    indices (B, T, Hkv, K) -> union (B, Hkv, NB, BT*K) int32 padded with -1, count (B, Hkv, NB) int32.
+    """
+    B, T, Hkv, K = indices.shape
+    nb = -(-T // block_tokens)
+    x = indices.permute(0, 2, 1, 3).to(torch.int32)
+    x = torch.nn.functional.pad(x, (0, 0, 0, nb * block_tokens - T), value=-1)
+    x = x.reshape(B, Hkv, nb, block_tokens * K).sort(dim=-1, descending=True).values
+    dup = torch.zeros_like(x, dtype=torch.bool)
+    dup[..., 1:] = x[..., 1:] == x[..., :-1]
+    x = x.masked_fill(dup, -1).sort(dim=-1, descending=True).values  # distinct chunks first
+    return x.contiguous(), (x >= 0).sum(-1, dtype=torch.int32).contiguous()
+
+
+def chunk_csr(indices: torch.Tensor, weights: torch.Tensor, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of the selection: for each (batch, KV head, chunk) the (token * K + slot) entries that
+    picked it with a non-zero weight (zero-weight slots add nothing to dK/dV).
+
+    Returns entries (B, Hkv, T*K) int32 sorted by chunk and offsets (B, Hkv, n_chunks + 1) int32.
+    """
+    B, T, Hkv, K = indices.shape
+    key = torch.where(weights != 0, indices, n_chunks).permute(0, 2, 1, 3).reshape(B, Hkv, T * K)
+    key, order = torch.sort(key, dim=-1, stable=True)
+    bounds = torch.arange(n_chunks + 1, device=key.device, dtype=key.dtype).expand(B, Hkv, n_chunks + 1)
+    offsets = torch.searchsorted(key.contiguous(), bounds.contiguous())
+    return order.to(torch.int32).contiguous(), offsets.to(torch.int32).contiguous()
+
+
+@triton.jit
+def _token_rows(tok0, T, BT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr):
+    """Row r of a tile is (token tok0 + r // G_PAD, head r % G_PAD); valid when both are in range."""
+    r = tl.arange(0, BT * G_PAD)
+    tok = tok0 + r // G_PAD
+    g = r % G_PAD
+    return tok, g, (tok < T) & (g < G)
+
+
+@triton.jit
+def _rows_from_tokens(x, BT: tl.constexpr, G_PAD: tl.constexpr):
+    """(BT,) per-token values -> (BT * G_PAD,) per-row values."""
+    return tl.reshape(tl.broadcast_to(x[:, None], (BT, G_PAD)), (BT * G_PAD,))
+
+
+@triton.jit
+def _chunk_softmax(q, kt, scale):
+    s = tl.dot(q, kt) * scale  # (M, S) fp32
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    return p / tl.sum(p, axis=1)[:, None]
+
+
+@triton.jit
+def _hsa_fwd_kernel(
+    Q, Kmem, V, W, IDX, UNION, COUNT, O,
+    sqb, sqt, sqh, skb, skt, skh, swb, swt, swh, sub, suh, sun, scb, sch, sob, sot, soh,
+    T, HKV, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BT: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+    KSEL: tl.constexpr, K_PAD: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1) // HKV
+    h = tl.program_id(1) % HKV
+    tok, g, row_ok = _token_rows(pid_t * BT, T, BT, G, G_PAD)
+    d = tl.arange(0, D)
+    head = (h * G + g).to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sqb + tok.to(tl.int64)[:, None] * sqt + head[:, None] * sqh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    # The block's selections, one row per token: chunk ids and weights (K_PAD >= KSEL slots).
+    btok = pid_t * BT + tl.arange(0, BT)
+    kk = tl.arange(0, K_PAD)
+    sel_off = b.to(tl.int64) * swb + btok.to(tl.int64)[:, None] * swt + h * swh + kk[None, :]
+    sel_ok = (btok < T)[:, None] & (kk < KSEL)[None, :]
+    idx = tl.load(IDX + sel_off, mask=sel_ok, other=-1)
+    w = tl.load(W + sel_off, mask=sel_ok, other=0.0)
+    acc = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
+    u_base = UNION + b.to(tl.int64) * sub + h * suh + pid_t.to(tl.int64) * sun
+    n = tl.load(COUNT + b * scb + h * sch + pid_t)
+    s_idx = tl.arange(0, S)
+    for u in range(0, n):
+        c = tl.load(u_base + u).to(tl.int64)
+        w_row = _rows_from_tokens(tl.sum(tl.where(idx == c, w, 0.0), axis=1), BT, G_PAD)
+        kv_off = b.to(tl.int64) * skb + (c * S + s_idx).to(tl.int64) * skt + h * skh
+        kt = tl.load(Kmem + kv_off[None, :] + d[:, None])  # (D, S)
+        v = tl.load(V + kv_off[:, None] + d[None, :])  # (S, D)
+        p = _chunk_softmax(q, kt, scale)
+        acc += w_row[:, None] * tl.dot(p.to(v.dtype), v)
+    tl.store(O + b.to(tl.int64) * sob + tok.to(tl.int64)[:, None] * sot + head[:, None] * soh + d[None, :],
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _hsa_bwd_dq_kernel(
+    Q, Kmem, V, W, IDX, UNION, COUNT, DO, DQ, DW,
+    sqb, sqt, sqh, skb, skt, skh, swb, swt, swh, sub, suh, sun, scb, sch,
+    T, HKV, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BT: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+    KSEL: tl.constexpr, K_PAD: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    b = tl.program_id(1) // HKV
+    h = tl.program_id(1) % HKV
+    tok, g, row_ok = _token_rows(pid_t * BT, T, BT, G, G_PAD)
+    d = tl.arange(0, D)
+    head = (h * G + g).to(tl.int64)
+    row_off = b.to(tl.int64) * sqb + tok.to(tl.int64)[:, None] * sqt + head[:, None] * sqh + d[None, :]
+    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+    btok = pid_t * BT + tl.arange(0, BT)
+    kk = tl.arange(0, K_PAD)
+    sel_off = b.to(tl.int64) * swb + btok.to(tl.int64)[:, None] * swt + h * swh + kk[None, :]
+    sel_ok = (btok < T)[:, None] & (kk < KSEL)[None, :]
+    idx = tl.load(IDX + sel_off, mask=sel_ok, other=-1)
+    w = tl.load(W + sel_off, mask=sel_ok, other=0.0)
+    dq = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
+    dw = tl.zeros((BT, K_PAD), dtype=tl.float32)
+    u_base = UNION + b.to(tl.int64) * sub + h * suh + pid_t.to(tl.int64) * sun
+    n = tl.load(COUNT + b * scb + h * sch + pid_t)
+    s_idx = tl.arange(0, S)
+    for u in range(0, n):
+        c = tl.load(u_base + u).to(tl.int64)
+        picked = idx == c
+        w_row = _rows_from_tokens(tl.sum(tl.where(picked, w, 0.0), axis=1), BT, G_PAD)
+        kv_off = b.to(tl.int64) * skb + (c * S + s_idx).to(tl.int64) * skt + h * skh
+        kt = tl.load(Kmem + kv_off[None, :] + d[:, None])  # (D, S)
+        vt = tl.load(V + kv_off[None, :] + d[:, None])  # (D, S)
+        p = _chunk_softmax(q, kt, scale)
+        dp = tl.dot(do, vt)  # (M, S)
+        delta = tl.sum(p * dp, axis=1)  # <o_c, dO> per row
+        delta_tok = tl.sum(tl.reshape(delta, (BT, G_PAD)), axis=1)  # summed over the group's heads
+        dw += tl.where(picked, delta_tok[:, None], 0.0)
+        ds = w_row[:, None] * p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    tl.store(DQ + row_off, (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DW + sel_off, dw, mask=sel_ok)
+
+
+@triton.jit
+def _hsa_bwd_dkdv_kernel(
+    Q, Kmem, V, W, ENTRIES, OFFSETS, DO, DK, DV,
+    sqb, sqt, sqh, skb, skt, skh, swb, swt, swh, seb, seh, sob_, soh_,
+    T, HKV, scale,
+    G: tl.constexpr, G_PAD: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
+    KSEL: tl.constexpr,
+):
+    c = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1) // HKV
+    h = tl.program_id(1) % HKV
+    d = tl.arange(0, D)
+    s_idx = tl.arange(0, S)
+    kv_off = b.to(tl.int64) * skb + (c * S + s_idx).to(tl.int64)[:, None] * skt + h * skh + d[None, :]
+    k = tl.load(Kmem + kv_off)  # (S, D)
+    v = tl.load(V + kv_off)
+    dk = tl.zeros((S, D), dtype=tl.float32)
+    dv = tl.zeros((S, D), dtype=tl.float32)
+    off_base = OFFSETS + b.to(tl.int64) * sob_ + h * soh_ + c
+    start = tl.load(off_base)
+    end = tl.load(off_base + 1)
+    e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
+    r = tl.arange(0, BR * G_PAD)
+    g = r % G_PAD
+    head = (h * G + g).to(tl.int64)
+    for e0 in range(start, end, BR):
+        pos = e0 + tl.arange(0, BR)
+        ok = pos < end
+        entry = tl.load(e_base + pos, mask=ok, other=0)
+        tok, slot = entry // KSEL, entry % KSEL
+        w = tl.load(W + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + slot, mask=ok, other=0.0)
+        tok_row = _rows_from_tokens(tok, BR, G_PAD).to(tl.int64)
+        row_ok = _rows_from_tokens(ok, BR, G_PAD) & (g < G)
+        row_off = b.to(tl.int64) * sqb + tok_row[:, None] * sqt + head[:, None] * sqh + d[None, :]
+        q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+        p = _chunk_softmax(q, tl.trans(k), scale)  # (M, S)
+        dp = tl.dot(do, tl.trans(v))
+        delta = tl.sum(p * dp, axis=1)
+        wp = _rows_from_tokens(w, BR, G_PAD)[:, None] * p
+        dv += tl.dot(tl.trans(wp.to(do.dtype)), do)
+        ds = wp * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
+
+
+def _check(q, k, v, weights, indices, chunk_size):
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"query heads {H} are not divisible by memory heads {Hkv}")
+    if k.shape[1] % chunk_size:
+        raise ValueError(f"memory length {k.shape[1]} is not a multiple of chunk_size={chunk_size}")
+    if D < 16 or D & (D - 1) or chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"the Triton kernels need head_dim and chunk_size powers of two >= 16, got {D}, {chunk_size}")
+    if indices.shape != weights.shape or indices.shape[:3] != (B, T, Hkv):
+        raise ValueError(f"indices {tuple(indices.shape)} / weights {tuple(weights.shape)} must be (B, T, Hkv, K)")
+
+
+def hsa_forward(q, k, v, weights, indices, chunk_size: int, scale: float) -> torch.Tensor:
+    _check(q, k, v, weights, indices, chunk_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    weights, indices = weights.float().contiguous(), indices.to(torch.int32).contiguous()
+    B, T, H, D = q.shape
+    Hkv, K = k.shape[2], indices.shape[-1]
+    bt, g_pad = tile_shape(H // Hkv)
+    union, count = block_union(indices, bt)
+    o = torch.empty_like(q)
+    grid = (triton.cdiv(T, bt), B * Hkv)
+    _hsa_fwd_kernel[grid](
+        q, k, v, weights, indices, union, count, o,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        weights.stride(0), weights.stride(1), weights.stride(2),
+        union.stride(0), union.stride(1), union.stride(2), count.stride(0), count.stride(1),
+        o.stride(0), o.stride(1), o.stride(2),
+        T, Hkv, scale,
+        G=H // Hkv, G_PAD=g_pad, BT=bt, S=chunk_size, D=D, KSEL=K, K_PAD=_pow2(K),
+    )
+    return o
+
+
+def hsa_backward(do, q, k, v, weights, indices, chunk_size: int, scale: float):
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    weights, indices = weights.float().contiguous(), indices.to(torch.int32).contiguous()
+    B, T, H, D = q.shape
+    Lm, Hkv, K = k.shape[1], k.shape[2], indices.shape[-1]
+    G = H // Hkv
+    bt, g_pad = tile_shape(G)
+    union, count = block_union(indices, bt)
+    dq = torch.empty_like(q)
+    dw = torch.empty_like(weights)
+    _hsa_bwd_dq_kernel[(triton.cdiv(T, bt), B * Hkv)](
+        q, k, v, weights, indices, union, count, do, dq, dw,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        weights.stride(0), weights.stride(1), weights.stride(2),
+        union.stride(0), union.stride(1), union.stride(2), count.stride(0), count.stride(1),
+        T, Hkv, scale,
+        G=G, G_PAD=g_pad, BT=bt, S=chunk_size, D=D, KSEL=K, K_PAD=_pow2(K),
+    )
+    n_chunks = Lm // chunk_size
+    entries, offsets = chunk_csr(indices, weights, n_chunks)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    _hsa_bwd_dkdv_kernel[(n_chunks, B * Hkv)](
+        q, k, v, weights, entries, offsets, do, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        weights.stride(0), weights.stride(1), weights.stride(2),
+        entries.stride(0), entries.stride(1), offsets.stride(0), offsets.stride(1),
+        T, Hkv, scale,
+        G=G, G_PAD=g_pad, BR=bt, S=chunk_size, D=D, KSEL=K,
+    )
+    return dq, dk, dv, dw
+
+
+# -- autograd: a custom op with a fake implementation, so torch.compile treats it as opaque ----------
+@torch.library.custom_op("hsa_lightning::hsa_attention", mutates_args=())
+def _hsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
+                      indices: torch.Tensor, chunk_size: int, scale: float) -> torch.Tensor:
+    return hsa_forward(q, k, v, weights, indices, chunk_size, scale)
+
+
+@_hsa_attention_op.register_fake
+def _(q, k, v, weights, indices, chunk_size, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("hsa_lightning::hsa_attention_backward", mutates_args=())
+def _hsa_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               weights: torch.Tensor, indices: torch.Tensor, chunk_size: int,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return hsa_backward(do, q, k, v, weights, indices, chunk_size, scale)
+
+
+@_hsa_attention_backward_op.register_fake
+def _(do, q, k, v, weights, indices, chunk_size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(weights, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, weights, indices, chunk_size, scale = inputs
+    ctx.save_for_backward(q, k, v, weights, indices)
+    ctx.chunk_size, ctx.scale = chunk_size, scale
+
+
+def _backward(ctx, do):
+    q, k, v, weights, indices = ctx.saved_tensors
+    dq, dk, dv, dw = _hsa_attention_backward_op(do, q, k, v, weights, indices, ctx.chunk_size, ctx.scale)
+    return dq, dk, dv, dw.to(weights.dtype), None, None, None
+
+
+_hsa_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
+                  indices: torch.Tensor, chunk_size: int, scale: float | None = None) -> torch.Tensor:
+    """Triton HSA: same contract as ``hsa_attention_reference`` (q (B,T,H,D); k, v (B,Lm,Hkv,D);
+    weights float and indices int64 (B,T,Hkv,K)); differentiable in q, k, v and weights."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale)

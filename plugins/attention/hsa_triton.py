@@ -1,0 +1,72 @@
+"""HSATriton: the HSA operator through the Triton kernels of ``kernels/hsa/parallel.py``.
+
+Drop-in for HSAReference (same model, same parameters, bf16-level agreement). Sliding-window layers use
+FlexAttention with a sliding-window block mask on GPU (exact, block-sparse); full layers use
+``scaled_dot_product_attention`` preferring cuDNN / flash. On CPU it runs only under the Triton
+interpreter (``TRITON_INTERPRET=1``), which is how CI checks it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from hsa_lightning.errors import PluginError
+from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, Selection
+
+
+class HSATriton(AttentionBackend):
+    aliases = ("triton",)
+    requires = ("triton",)
+    devices = frozenset({"cuda"})
+    dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
+    fusions = frozenset({"softmax", "stick_breaking"})
+
+    def check_runtime(self, device: torch.device, dtype: torch.dtype) -> None:
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            device = torch.device("cuda")  # the interpreter stands in for the GPU
+        super().check_runtime(device, dtype)
+
+    def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        window: Optional[int]) -> torch.Tensor:
+        if q.is_cuda and window is not None and window < q.shape[1]:
+            return _flex_sliding_window(q, k, v, window)
+        if q.is_cuda:
+            from hsa_lightning.plugins.attention.flash import _prefer_fused_sdpa
+
+            with _prefer_fused_sdpa(q):
+                return super().local_attention(q, k, v, window)
+        return super().local_attention(q, k, v, window)
+
+    def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection) -> torch.Tensor:
+        from hsa_lightning.kernels.hsa.parallel import hsa_attention
+
+        if selection.joint:
+            raise PluginError("HSATriton does not implement fusion='joint'; use HSAReference for that ablation")
+        return hsa_attention(q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _sliding_window_block_mask(T: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def keep(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(keep, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def _flex_sliding_window(q, k, v, window):
+    mask = _sliding_window_block_mask(q.shape[1], window, str(q.device))
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    out = _compiled_flex()(qh, kh, vh, block_mask=mask, enable_gqa=qh.shape[1] != kh.shape[1])
+    return out.transpose(1, 2)
