@@ -1,0 +1,186 @@
+"""Kernel benchmark: Triton HSA vs cuDNN full causal attention, on one GPU.
+
+    python benchmarks/kernels.py --out docs/kernels.json [--lengths 4096,8192,...] [--quick]
+
+Prints a markdown table and writes JSON. Shapes: batch 1, 16 query heads, chunk 64, bf16. For each
+(L, top-k, head dim, G = query heads per HSA KV head, selection pattern) it times HSA forward, HSA
+forward+backward, the reference retrieval (scores + mask + top-k + softmax weights) forward+backward,
+the HSA layer's attention (SWA 512 via FlexAttention + HSA) forward+backward, and cuDNN full causal
+attention forward+backward. Useful FLOPs: forward 4*L*Hq*k*64*D, forward+backward 3.5x that.
+
+Selection patterns: ``smooth`` (each 64-token query chunk draws k visible chunks, each token swaps about
+10% of them for random visible ones; the printed share is the fraction of a token's chunks its
+predecessor also read) and ``random`` (independent uniform picks among the visible chunks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+from datetime import date
+
+import torch
+import torch.nn.functional as F
+
+HQ, S = 16, 64
+
+
+def visible_topk_random(L: int, k: int, hkv: int, gen: torch.Generator, device) -> torch.Tensor:
+    """(1, L, hkv, k) uniform distinct visible chunks (most recent first), padding index 0."""
+    C = L // S
+    out = torch.empty(1, L, hkv, k, dtype=torch.long, device=device)
+    for h in range(hkv):
+        for t0 in range(0, L, 8192):
+            t = torch.arange(t0, min(L, t0 + 8192), device=device)
+            r = torch.rand(len(t), C, generator=gen, device=device)
+            r = r.masked_fill(torch.arange(C, device=device)[None] >= (t // S)[:, None], -1.0)
+            out[0, t, h] = r.topk(min(k, C), -1).indices[:, :k]
+    return out
+
+
+def smooth_selection(L: int, k: int, hkv: int, gen: torch.Generator, device, swap: float = 0.1) -> torch.Tensor:
+    C = L // S
+    base = visible_topk_random(C * S, k, hkv, gen, device)[:, ::S]  # one set per query chunk
+    idx = base.repeat_interleave(S, dim=1)[:, :L].clone()
+    n_vis = (torch.arange(L, device=device) // S).clamp_min(1)[None, :, None, None]
+    rand = (torch.rand(idx.shape, generator=gen, device=device) * n_vis).long()
+    swap_mask = torch.rand(idx.shape, generator=gen, device=device) < swap
+    return torch.where(swap_mask, rand, idx)
+
+
+def finish_selection(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mark slots beyond the visible count as padding (index 0, weight 0), sort most recent first."""
+    L, k = idx.shape[1], idx.shape[-1]
+    n_vis = (torch.arange(L, device=idx.device) // S)[None, :, None, None]
+    valid = torch.arange(k, device=idx.device) < n_vis
+    idx = torch.where(valid, idx, -1).sort(-1, descending=True).values
+    valid = idx >= 0
+    w = torch.rand(idx.shape, generator=gen, device=idx.device) * valid
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-9)
+    return idx.clamp_min(0), w.float()
+
+
+def shared_fraction(idx: torch.Tensor, sample: int = 4096) -> float:
+    L = idx.shape[1]
+    t = torch.randint(S * 2, L, (min(sample, L - 2 * S),), device=idx.device)
+    a, b = idx[0, t, 0], idx[0, t - 1, 0]
+    return (a[:, :, None] == b[:, None, :]).any(-1).float().mean().item()
+
+
+def bench(fn) -> float | str:
+    """Median-ish milliseconds from triton's do_bench, or "OOM"."""
+    from triton.testing import do_bench
+
+    try:
+        return do_bench(fn, warmup=10, rep=40)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "OOM"
+
+
+def run_case(L, k, D, G, pattern, args, device):
+    from hsa_lightning.kernels.hsa.parallel import hsa_attention
+    from hsa_lightning.kernels.retrieval import fusion_weights, retrieval_scores, select_chunks
+    from hsa_lightning.plugins.attention.hsa_triton import HSATriton
+
+    hkv = HQ // G
+    gen = torch.Generator(device=device).manual_seed(0)
+    dt = torch.bfloat16
+    q = torch.randn(1, L, HQ, D, device=device, dtype=dt, requires_grad=True)
+    kk = torch.randn(1, L, hkv, D, device=device, dtype=dt, requires_grad=True)
+    v = torch.randn(1, L, hkv, D, device=device, dtype=dt, requires_grad=True)
+    raw = smooth_selection(L, k, hkv, gen, device) if pattern == "smooth" else visible_topk_random(L, k, hkv, gen, device)
+    idx, w = finish_selection(raw, gen)
+    w.requires_grad_()
+    do = torch.randn_like(q)
+    row = {"L": L, "top_k": k, "head_dim": D, "G": G, "pattern": pattern, "shared": round(shared_fraction(idx), 3)}
+    row["hsa_fwd_ms"] = bench(lambda: hsa_attention(q, kk, v, w, idx, S))
+
+    def fwd_bwd():
+        o = hsa_attention(q, kk, v, w, idx, S)
+        torch.autograd.grad(o, (q, kk, v, w), do)
+
+    row["hsa_fwd_bwd_ms"] = bench(fwd_bwd)
+    flops = 4 * L * HQ * k * S * D
+    if isinstance(row["hsa_fwd_bwd_ms"], float):
+        row["hsa_fwd_tflops"] = flops / row["hsa_fwd_ms"] / 1e9
+        row["hsa_fwd_bwd_tflops"] = 3.5 * flops / row["hsa_fwd_bwd_ms"] / 1e9
+    if not args.skip_retrieval and L <= args.max_retrieval_len:
+        q_slc = torch.randn(1, L, hkv, D, device=device, dtype=dt, requires_grad=True)
+        lmk = torch.randn(1, L // S, hkv, D, device=device, dtype=dt, requires_grad=True)
+
+        def retrieval():
+            s = retrieval_scores(q_slc, lmk, S)
+            i, ok = select_chunks(s, k, S)
+            torch.autograd.grad(fusion_weights(s, i, ok).sum(), (q_slc, lmk))
+
+        row["retrieval_fwd_bwd_ms"] = bench(retrieval)
+    if L <= args.max_dense_len:
+        backend = HSATriton()
+        qs = torch.randn(1, L, HQ, D, device=device, dtype=dt, requires_grad=True)
+        ks, vs = (torch.randn(1, L, 4, D, device=device, dtype=dt, requires_grad=True) for _ in range(2))
+
+        def layer():
+            o1 = backend.local_attention(qs, ks, vs, 512)
+            o2 = hsa_attention(q, kk, v, w, idx, S)
+            torch.autograd.grad((o1, o2), (qs, ks, vs, q, kk, v), (do, do))
+
+        row["hsa_layer_fwd_bwd_ms"] = bench(layer)
+        qd, kd, vd = (torch.randn(1, HQ, L, D, device=device, dtype=dt, requires_grad=True) for _ in range(3))
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def dense():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+            torch.autograd.grad(o, (qd, kd, vd), torch.ones_like(o))
+
+        row["cudnn_causal_fwd_bwd_ms"] = bench(dense)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
+    p.add_argument("--top_k", default="16,32")
+    p.add_argument("--head_dims", default="64,128")
+    p.add_argument("--groups", default="1,4,16")
+    p.add_argument("--patterns", default="smooth,random")
+    p.add_argument("--max_dense_len", type=int, default=131072)
+    p.add_argument("--max_retrieval_len", type=int, default=131072)
+    p.add_argument("--skip_retrieval", action="store_true")
+    p.add_argument("--out", default="docs/kernels.json")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    device = torch.device("cuda")
+    import triton
+
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "python": platform.python_version(), "date": str(date.today()), "batch": 1, "query_heads": HQ,
+            "chunk": S, "dtype": "bfloat16", "command": " ".join(sys.argv)}
+    rows = []
+    cols = ["L", "top_k", "head_dim", "G", "pattern", "shared", "hsa_fwd_ms", "hsa_fwd_bwd_ms", "hsa_fwd_bwd_tflops",
+            "retrieval_fwd_bwd_ms", "hsa_layer_fwd_bwd_ms", "cudnn_causal_fwd_bwd_ms"]
+    print(f"# {meta}")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for pattern in args.patterns.split(","):
+        for G in ints(args.groups):
+            for D in ints(args.head_dims):
+                for k in ints(args.top_k):
+                    for L in ints(args.lengths):
+                        row = run_case(L, k, D, G, pattern, args, device)
+                        torch.cuda.empty_cache()
+                        rows.append(row)
+                        cells = [row.get(c, "") for c in cols]
+                        print("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |",
+                              flush=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
