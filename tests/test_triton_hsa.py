@@ -9,7 +9,8 @@ import torch
 
 from conftest import build_model
 from hsa_lightning.kernels.hsa import hsa_attention_reference
-from hsa_lightning.kernels.hsa.parallel import block_union, chunk_csr, hsa_attention
+from hsa_lightning.kernels.hsa import parallel
+from hsa_lightning.kernels.hsa.parallel import block_union, chunk_csr, dkdv_work, hsa_attention
 from hsa_lightning.kernels.retrieval import fusion_weights, retrieval_scores, select_chunks
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter run; the GPU file covers CUDA")
@@ -67,8 +68,11 @@ def test_every_group_size(G):
     check(B=1, T=45, H=G * 2 if G <= 4 else G, Hkv=2 if G <= 4 else 1, D=16, S=16, K=3, kind="retrieval")
 
 
+@pytest.mark.parametrize("split_lists", [False, True], ids=["whole_lists", "split_lists"])
 @pytest.mark.parametrize("kind", ["retrieval", "random", "one_chunk", "all_padding"])
-def test_selection_patterns(kind):
+def test_selection_patterns(kind, split_lists, monkeypatch):
+    if split_lists:  # tiny work items: popular chunks are spread over several programs and reduced
+        monkeypatch.setattr(parallel, "MIN_ENTRIES_PER_ITEM", 1)
     check(B=2, T=70, H=4, Hkv=1, D=32, S=16, K=4 if kind != "random" else 3, kind=kind, seed=1)
 
 
@@ -97,6 +101,22 @@ def test_union_and_inverse_index_are_exact_and_linear_in_selections():
     entries, offsets = chunk_csr(idx, w, 4)
     per_chunk = {c: sorted(entries[0, 0, offsets[0, 0, c]:offsets[0, 0, c + 1]].tolist()) for c in range(4)}
     assert per_chunk == {0: [5], 1: [1], 2: [4], 3: [0, 2]}  # (token * K + slot); zero weights dropped
+
+
+def test_dkdv_work_items_tile_every_chunk_list_exactly(monkeypatch):
+    monkeypatch.setattr(parallel, "MIN_ENTRIES_PER_ITEM", 1)
+    counts = torch.tensor([0, 5, 1, 9])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).view(1, 1, 5).int()
+    table, n_items, first, e, n_slots = dkdv_work(offsets, int(counts.sum()), 2)
+    assert e == 2 and n_items.tolist() == [[[1, 3, 1, 5]]]
+    rows = [r for r in table[0, 0].tolist() if r[0] >= 0]
+    for c in range(4):  # items of a chunk cover its list [offsets[c], offsets[c+1]) in order, no overlap
+        mine = [(s, t) for ch, s, t, _ in rows if ch == c]
+        assert mine[0][0] == offsets[0, 0, c] and mine[-1][1] == offsets[0, 0, c + 1]
+        assert all(a[1] == b[0] for a, b in zip(mine, mine[1:]))
+    slots = [sl for ch, _, _, sl in rows if n_items[0, 0, ch] > 1]
+    assert slots == list(range(len(slots))) and len(slots) <= n_slots  # partials only for split chunks
+    assert first.tolist() == [[[-1, 0, -1, 3]]]
 
 
 def test_model_with_hsatriton_matches_hsareference():

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 ROWS_PER_TILE = 64  # target rows (tokens x heads) sharing one K/V tile
+MIN_ENTRIES_PER_ITEM = 256  # smallest dK/dV work item; larger when there is enough work to fill the GPU
 
 
 def _pow2(n: int) -> int:
@@ -62,6 +63,41 @@ def chunk_csr(indices: torch.Tensor, weights: torch.Tensor, n_chunks: int) -> tu
     bounds = torch.arange(n_chunks + 1, device=key.device, dtype=key.dtype).expand(B, Hkv, n_chunks + 1)
     offsets = torch.searchsorted(key.contiguous(), bounds.contiguous())
     return order.to(torch.int32).contiguous(), offsets.to(torch.int32).contiguous()
+
+
+def dkdv_work(offsets: torch.Tensor, n_entries: int, block_tokens: int):
+    """Cut each chunk's CSR list into work items of at most E entries (every chunk gets one item).
+
+    Returns (table (B, Hkv, ITEMS, 4) int32 rows [chunk or -1, start, end, partial slot or -1],
+    n_items (B, Hkv, C) int32, first_slot (B, Hkv, C) int32, E, n_slots). Shapes depend only on sizes,
+    never on the data, so nothing waits for the GPU.
+    """
+    B, Hkv, C1 = offsets.shape
+    C = C1 - 1
+    sms = torch.cuda.get_device_properties(offsets.device).multi_processor_count if offsets.is_cuda else 8
+    e = max(MIN_ENTRIES_PER_ITEM, -(-B * Hkv * n_entries // (4 * sms)))
+    e = -(-e // block_tokens) * block_tokens
+    n_split = -(-n_entries // e)
+    items, n_slots = C + n_split, 2 * n_split + 1
+    off = offsets.long()
+    counts = off[..., 1:] - off[..., :-1]
+    n_items = ((counts + e - 1) // e).clamp_min(1)
+    item_end = n_items.cumsum(-1)
+    i = torch.arange(items, device=offsets.device).expand(B, Hkv, items).contiguous()
+    chunk = torch.searchsorted(item_end, i, right=True)
+    valid = chunk < C
+    chunk = chunk.clamp_max(C - 1)
+    part = i - (item_end - n_items).gather(-1, chunk)
+    start = off[..., :-1].gather(-1, chunk) + part * e
+    end = torch.minimum(start + e, off[..., 1:].gather(-1, chunk))
+    split = valid & (n_items.gather(-1, chunk) > 1)
+    slot = torch.where(split, split.long().cumsum(-1) - 1, -1)
+    table = torch.stack([torch.where(valid, chunk, -1), start, end, slot], dim=-1).to(torch.int32).contiguous()
+    first_slot = torch.full_like(n_items, -1).scatter_reduce(
+        -1, chunk, torch.where(split, slot, n_slots), reduce="amin", include_self=False
+    )
+    first_slot = torch.where(n_items > 1, first_slot, -1)
+    return table, n_items.to(torch.int32).contiguous(), first_slot.to(torch.int32).contiguous(), e, n_slots
 
 
 @triton.jit
@@ -174,49 +210,84 @@ def _hsa_bwd_dq_kernel(
 
 @triton.jit
 def _hsa_bwd_dkdv_kernel(
-    Q, Kmem, V, W, ENTRIES, OFFSETS, DO, DK, DV,
-    sqb, sqt, sqh, skb, skt, skh, swb, swt, swh, seb, seh, sob_, soh_,
+    Q, Kmem, V, W, ENTRIES, TABLE, DO, DK, DV, PART_DK, PART_DV,
+    sqb, sqt, sqh, skb, skt, skh, swb, swt, swh, seb, seh, stb, sth, spb, sph, sps,
     T, HKV, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     KSEL: tl.constexpr,
 ):
-    c = tl.program_id(0).to(tl.int64)
+    item = tl.program_id(0)
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    d = tl.arange(0, D)
-    s_idx = tl.arange(0, S)
-    kv_off = b.to(tl.int64) * skb + (c * S + s_idx).to(tl.int64)[:, None] * skt + h * skh + d[None, :]
-    k = tl.load(Kmem + kv_off)  # (S, D)
-    v = tl.load(V + kv_off)
-    dk = tl.zeros((S, D), dtype=tl.float32)
-    dv = tl.zeros((S, D), dtype=tl.float32)
-    off_base = OFFSETS + b.to(tl.int64) * sob_ + h * soh_ + c
-    start = tl.load(off_base)
-    end = tl.load(off_base + 1)
-    e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
-    r = tl.arange(0, BR * G_PAD)
-    g = r % G_PAD
-    head = (h * G + g).to(tl.int64)
-    for e0 in range(start, end, BR):
-        pos = e0 + tl.arange(0, BR)
-        ok = pos < end
-        entry = tl.load(e_base + pos, mask=ok, other=0)
-        tok, slot = entry // KSEL, entry % KSEL
-        w = tl.load(W + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + slot, mask=ok, other=0.0)
-        tok_row = _rows_from_tokens(tok, BR, G_PAD).to(tl.int64)
-        row_ok = _rows_from_tokens(ok, BR, G_PAD) & (g < G)
-        row_off = b.to(tl.int64) * sqb + tok_row[:, None] * sqt + head[:, None] * sqh + d[None, :]
-        q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-        p = _chunk_softmax(q, tl.trans(k), scale)  # (M, S)
-        dp = tl.dot(do, tl.trans(v))
-        delta = tl.sum(p * dp, axis=1)
-        wp = _rows_from_tokens(w, BR, G_PAD)[:, None] * p
-        dv += tl.dot(tl.trans(wp.to(do.dtype)), do)
-        ds = wp * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
-    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
+    row = TABLE + b.to(tl.int64) * stb + h * sth + item.to(tl.int64) * 4
+    c = tl.load(row)
+    if c >= 0:
+        start = tl.load(row + 1)
+        end = tl.load(row + 2)
+        slot = tl.load(row + 3)
+        d = tl.arange(0, D)
+        s_idx = tl.arange(0, S)
+        kv_off = b.to(tl.int64) * skb + (c.to(tl.int64) * S + s_idx)[:, None] * skt + h * skh + d[None, :]
+        k = tl.load(Kmem + kv_off)  # (S, D)
+        v = tl.load(V + kv_off)
+        dk = tl.zeros((S, D), dtype=tl.float32)
+        dv = tl.zeros((S, D), dtype=tl.float32)
+        e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
+        r = tl.arange(0, BR * G_PAD)
+        g = r % G_PAD
+        head = (h * G + g).to(tl.int64)
+        for e0 in range(start, end, BR):
+            pos = e0 + tl.arange(0, BR)
+            ok = pos < end
+            entry = tl.load(e_base + pos, mask=ok, other=0)
+            tok, sel = entry // KSEL, entry % KSEL
+            w = tl.load(W + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + sel, mask=ok, other=0.0)
+            tok_row = _rows_from_tokens(tok, BR, G_PAD).to(tl.int64)
+            row_ok = _rows_from_tokens(ok, BR, G_PAD) & (g < G)
+            row_off = b.to(tl.int64) * sqb + tok_row[:, None] * sqt + head[:, None] * sqh + d[None, :]
+            q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
+            p = _chunk_softmax(q, tl.trans(k), scale)  # (M, S)
+            dp = tl.dot(do, tl.trans(v))
+            delta = tl.sum(p * dp, axis=1)
+            wp = _rows_from_tokens(w, BR, G_PAD)[:, None] * p
+            dv += tl.dot(tl.trans(wp.to(do.dtype)), do)
+            ds = wp * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        if slot < 0:  # the chunk's only item: final gradients
+            tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
+            tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
+        else:
+            p_off = b.to(tl.int64) * spb + h * sph + slot.to(tl.int64) * sps + s_idx[:, None] * D + d[None, :]
+            tl.store(PART_DK + p_off, dk)
+            tl.store(PART_DV + p_off, dv)
+
+
+@triton.jit
+def _hsa_bwd_dkdv_reduce_kernel(
+    NITEMS, FIRST, PART_DK, PART_DV, DK, DV,
+    snb, snh, spb, sph, sps, skb, skt, skh,
+    HKV, scale, S: tl.constexpr, D: tl.constexpr,
+):
+    """Adds the partials of each split chunk in item order (deterministic) and writes dK, dV."""
+    c = tl.program_id(0)
+    b = tl.program_id(1) // HKV
+    h = tl.program_id(1) % HKV
+    n = tl.load(NITEMS + b.to(tl.int64) * snb + h * snh + c)
+    if n > 1:
+        first = tl.load(FIRST + b.to(tl.int64) * snb + h * snh + c)
+        d = tl.arange(0, D)
+        s_idx = tl.arange(0, S)
+        tile = s_idx[:, None] * D + d[None, :]
+        dk = tl.zeros((S, D), dtype=tl.float32)
+        dv = tl.zeros((S, D), dtype=tl.float32)
+        for i in range(0, n):
+            p_off = b.to(tl.int64) * spb + h * sph + (first + i).to(tl.int64) * sps + tile
+            dk += tl.load(PART_DK + p_off)
+            dv += tl.load(PART_DV + p_off)
+        kv_off = b.to(tl.int64) * skb + (c.to(tl.int64) * S + s_idx)[:, None] * skt + h * skh + d[None, :]
+        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
 
 
 def _check(q, k, v, weights, indices, chunk_size):
@@ -274,14 +345,24 @@ def hsa_backward(do, q, k, v, weights, indices, chunk_size: int, scale: float):
     )
     n_chunks = Lm // chunk_size
     entries, offsets = chunk_csr(indices, weights, n_chunks)
+    table, n_items, first_slot, _, n_slots = dkdv_work(offsets, T * K, bt)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _hsa_bwd_dkdv_kernel[(n_chunks, B * Hkv)](
-        q, k, v, weights, entries, offsets, do, dk, dv,
+    part_dk = torch.empty(B, Hkv, n_slots, chunk_size, D, device=k.device, dtype=torch.float32)
+    part_dv = torch.empty_like(part_dk)
+    _hsa_bwd_dkdv_kernel[(table.shape[2], B * Hkv)](
+        q, k, v, weights, entries, table, do, dk, dv, part_dk, part_dv,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         weights.stride(0), weights.stride(1), weights.stride(2),
-        entries.stride(0), entries.stride(1), offsets.stride(0), offsets.stride(1),
+        entries.stride(0), entries.stride(1), table.stride(0), table.stride(1),
+        part_dk.stride(0), part_dk.stride(1), part_dk.stride(2),
         T, Hkv, scale,
         G=G, G_PAD=g_pad, BR=bt, S=chunk_size, D=D, KSEL=K,
+    )
+    _hsa_bwd_dkdv_reduce_kernel[(n_chunks, B * Hkv)](
+        n_items, first_slot, part_dk, part_dv, dk, dv,
+        n_items.stride(0), n_items.stride(1), part_dk.stride(0), part_dk.stride(1), part_dk.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        Hkv, scale, S=chunk_size, D=D,
     )
     return dq, dk, dv, dw
 
