@@ -62,7 +62,8 @@ def _sliding_window_block_mask(T: int, window: int, device: str):
     def keep(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    return create_block_mask(keep, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    # _compile=True builds the block mask without materialising the (T, T) boolean mask.
+    return create_block_mask(keep, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device, _compile=True)
 
 
 def _flex_sliding_window(q, k, v, window):
