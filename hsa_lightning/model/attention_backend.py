@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hsa_lightning.errors import PluginError
+from hsa_lightning.kernels.retrieval import retrieval_scores, select_chunks
 from hsa_lightning.registry import Registry, kind_registry
 
 FUSIONS = ("softmax", "stick_breaking", "joint")
@@ -100,6 +101,19 @@ class AttentionBackend:
             mask = sliding_window_mask(T, window, q.device)
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
         return out.transpose(1, 2)
+
+    def select(
+        self, q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int, gumbel: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Retrieval: (indices, valid, selected scores), each (B, T, Hkv, K), slots most recent first.
+
+        Scores are <q_slc, landmark> / sqrt(Dr) over visible chunks; ``gumbel`` perturbs the choice
+        only (the returned scores are clean). This default is the reference; backends may fuse it.
+        """
+        scores = retrieval_scores(q_slc, landmarks, chunk_size)
+        noise = -torch.log(torch.empty_like(scores).exponential_()) if gumbel else None
+        indices, valid = select_chunks(scores, top_k, chunk_size, noise)
+        return indices, valid, torch.gather(scores, -1, indices)
 
     def memory_attention(
         self, q: torch.Tensor, memory: ChunkMemory, selection: Selection | None

@@ -52,7 +52,7 @@ class HSABlock(nn.Module):
         d, H, D = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim
         self.n_heads, self.head_dim, self.bypass = H, D, cfg.hsa_residual == "bypass"
         self.backend = backend
-        self.retrieval = Retrieval(cfg)
+        self.retrieval = Retrieval(cfg, backend)
         self.swa_norm = RMSNorm(d, cfg.norm_eps)
         self.swa = SelfAttention(d, H, cfg.n_kv_heads, D, cfg.resolved_hsa_window, position, backend,
                                  cfg.qk_norm, cfg.init_std, _out_std(cfg), cfg.norm_eps)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hsa_lightning.kernels.retrieval import fusion_weights, retrieval_scores, select_chunks
-from hsa_lightning.model.attention_backend import Selection
+from hsa_lightning.kernels.retrieval import weights_from_selected
+from hsa_lightning.model.attention_backend import AttentionBackend, Selection
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.layers import Linear, RMSNorm
 
@@ -13,8 +13,9 @@ from hsa_lightning.model.layers import Linear, RMSNorm
 class Retrieval(nn.Module):
     """q_slc = W norm(x) per retrieval head (= HSA KV head); top-k over visible landmarks; fusion weights."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend):
         super().__init__()
+        self.backend = backend
         self.heads = cfg.hsa_kv_heads
         self.top_k, self.chunk_size = cfg.top_k, cfg.chunk_size
         self.fusion, self.gumbel_noise = cfg.fusion, cfg.gumbel_noise
@@ -30,10 +31,7 @@ class Retrieval(nn.Module):
     def forward(self, x: torch.Tensor, landmarks: torch.Tensor) -> Selection:
         B, T, _ = x.shape
         q = self.proj(self.norm(x)).view(B, T, self.heads, -1)
-        scores = retrieval_scores(q, landmarks, self.chunk_size)
-        noise = None
-        if self.gumbel_noise and self.training:
-            noise = -torch.log(torch.empty_like(scores).exponential_())  # Gumbel(0, 1)
-        indices, valid = select_chunks(scores, self.top_k, self.chunk_size, noise)
-        weights = fusion_weights(scores, indices, valid, self.fusion, self.recency)
+        gumbel = self.gumbel_noise and self.training
+        indices, valid, selected = self.backend.select(q, landmarks, self.top_k, self.chunk_size, gumbel)
+        weights = weights_from_selected(selected, valid, self.fusion, self.recency)
         return Selection(indices=indices, weights=weights, joint=self.fusion == "joint")

@@ -16,6 +16,7 @@ Semantics are exactly ``naive.hsa_attention_reference``. Layout of the work:
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -23,6 +24,14 @@ import triton.language as tl
 
 ROWS_PER_TILE = 64  # target rows (tokens x heads) sharing one K/V tile
 MIN_ENTRIES_PER_ITEM = 256  # smallest dK/dV work item; larger when there is enough work to fill the GPU
+
+
+def _tuned(*key: str):
+    """Autotune launch shape on the GPU (keyed by the shape constants); plain kernels under the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return lambda fn: fn
+    configs = [triton.Config({}, num_warps=w, num_stages=st) for w in (4, 8) for st in (1, 2, 3)]
+    return triton.autotune(configs=configs, key=list(key))
 
 
 def _pow2(n: int) -> int:
@@ -117,12 +126,13 @@ def _rows_from_tokens(x, BT: tl.constexpr, G_PAD: tl.constexpr):
 
 @triton.jit
 def _chunk_softmax(q, kt, scale):
-    s = tl.dot(q, kt) * scale  # (M, S) fp32
+    s = tl.dot(q, kt) * (scale * 1.4426950408889634)  # (M, S) fp32, log2 domain
     m = tl.max(s, axis=1)
-    p = tl.exp(s - m[:, None])
+    p = tl.exp2(s - m[:, None])
     return p / tl.sum(p, axis=1)[:, None]
 
 
+@_tuned("G", "D", "S", "KSEL", "BT")
 @triton.jit
 def _hsa_fwd_kernel(
     Q, Kmem, V, W, IDX, UNION, COUNT, O,
@@ -162,6 +172,7 @@ def _hsa_fwd_kernel(
              acc.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
+@_tuned("G", "D", "S", "KSEL", "BT")
 @triton.jit
 def _hsa_bwd_dq_kernel(
     Q, Kmem, V, W, IDX, UNION, COUNT, DO, DQ, DW,
@@ -208,6 +219,7 @@ def _hsa_bwd_dq_kernel(
     tl.store(DW + sel_off, dw, mask=sel_ok)
 
 
+@_tuned("G", "D", "S", "KSEL", "BR")
 @triton.jit
 def _hsa_bwd_dkdv_kernel(
     Q, Kmem, V, W, ENTRIES, TABLE, DO, DK, DV, PART_DK, PART_DV,

@@ -1,3 +1,8 @@
-from hsa_lightning.kernels.retrieval.naive import fusion_weights, retrieval_scores, select_chunks
+from hsa_lightning.kernels.retrieval.naive import (
+    fusion_weights,
+    retrieval_scores,
+    select_chunks,
+    weights_from_selected,
+)
 
-__all__ = ["fusion_weights", "retrieval_scores", "select_chunks"]
+__all__ = ["fusion_weights", "retrieval_scores", "select_chunks", "weights_from_selected"]

@@ -55,7 +55,16 @@ def fusion_weights(
     rule: str = "softmax",
     recency: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weights (B, T, Hkv, K) from the clean scores of the selected chunks; 0 on invalid slots.
+    """Weights (B, T, Hkv, K) from the clean scores of the selected chunks; see ``weights_from_selected``."""
+    if rule == "joint":
+        return valid.to(torch.float32)
+    return weights_from_selected(torch.gather(scores, -1, indices), valid, rule, recency)
+
+
+def weights_from_selected(
+    s: torch.Tensor, valid: torch.Tensor, rule: str = "softmax", recency: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fusion weights from the selected scores ``s`` (B, T, Hkv, K), slots most recent first; 0 on invalid slots.
 
     ``softmax`` (the paper): softmax over the selected scores. ``stick_breaking`` (RAMba):
     w_k = sigmoid(s_k) * prod_{j<k} (1 - sigmoid(s_j)) in recency order. ``joint``: the slot mask;
@@ -64,7 +73,6 @@ def fusion_weights(
     """
     if rule == "joint":
         return valid.to(torch.float32)
-    s = torch.gather(scores, -1, indices)
     if recency is not None:
         rank = torch.arange(s.shape[-1], device=s.device, dtype=s.dtype)
         s = s + rank * recency.to(s.dtype)

@@ -1,4 +1,5 @@
-"""HSATriton: the HSA operator through the Triton kernels of ``kernels/hsa/parallel.py``.
+"""HSATriton: HSA through the Triton kernels of ``kernels/hsa/parallel.py`` and the fused retrieval of
+``kernels/retrieval/parallel.py`` (the reference retrieval serves Gumbel noise and odd retrieval widths).
 
 Drop-in for HSAReference (same model, same parameters, bf16-level agreement). Sliding-window layers use
 FlexAttention with a sliding-window block mask on GPU (exact, block-sparse); full layers use
@@ -39,6 +40,14 @@ class HSATriton(AttentionBackend):
             with _prefer_fused_sdpa(q):
                 return super().local_attention(q, k, v, window)
         return super().local_attention(q, k, v, window)
+
+    def select(self, q_slc, landmarks, top_k, chunk_size, gumbel):
+        dr = q_slc.shape[-1]
+        if gumbel or dr < 16 or dr & (dr - 1):  # noise and odd widths take the reference path
+            return super().select(q_slc, landmarks, top_k, chunk_size, gumbel)
+        from hsa_lightning.kernels.retrieval.parallel import select_chunks_fused
+
+        return select_chunks_fused(q_slc, landmarks, top_k, chunk_size)
 
     def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection) -> torch.Tensor:
         from hsa_lightning.kernels.hsa.parallel import hsa_attention
