@@ -12,6 +12,8 @@ attention forward+backward. Useful FLOPs: forward 4*L*Hq*k*64*D, forward+backwar
 Selection patterns: ``smooth`` (each 64-token query chunk draws k visible chunks, each token swaps about
 10% of them for random visible ones; the printed share is the fraction of a token's chunks its
 predecessor also read) and ``random`` (independent uniform picks among the visible chunks).
+``union_per_k`` is the mean number of distinct chunks a kernel tile visits divided by k: the work the
+union tiling does per useful chunk.
 """
 from __future__ import annotations
 
@@ -82,7 +84,7 @@ def bench(fn) -> float | str:
 
 
 def run_case(L, k, D, G, pattern, args, device):
-    from hsa_lightning.kernels.hsa.parallel import hsa_attention
+    from hsa_lightning.kernels.hsa.parallel import block_union, hsa_attention, tile_shape
     from hsa_lightning.kernels.retrieval import fusion_weights, retrieval_scores, select_chunks, weights_from_selected
     from hsa_lightning.kernels.retrieval.parallel import select_chunks_fused
     from hsa_lightning.plugins.attention.hsa_triton import HSATriton
@@ -98,6 +100,8 @@ def run_case(L, k, D, G, pattern, args, device):
     w.requires_grad_()
     do = torch.randn_like(q)
     row = {"L": L, "top_k": k, "head_dim": D, "G": G, "pattern": pattern, "shared": round(shared_fraction(idx), 3)}
+    bt, _ = tile_shape(G)
+    row["union_per_k"] = round((block_union(idx, bt)[1].float().mean() / bt / k).item() * bt, 2)
     row["hsa_fwd_ms"] = bench(lambda: hsa_attention(q, kk, v, w, idx, S))
 
     def fwd_bwd():
@@ -171,7 +175,7 @@ def main() -> None:
             "python": platform.python_version(), "date": str(date.today()), "batch": 1, "query_heads": HQ,
             "chunk": S, "dtype": "bfloat16", "command": " ".join(sys.argv)}
     rows = []
-    cols = ["L", "top_k", "head_dim", "G", "pattern", "shared", "hsa_fwd_ms", "hsa_fwd_bwd_ms", "hsa_fwd_bwd_tflops",
+    cols = ["L", "top_k", "head_dim", "G", "pattern", "shared", "union_per_k", "hsa_fwd_ms", "hsa_fwd_bwd_ms", "hsa_fwd_bwd_tflops",
             "retrieval_fwd_bwd_ms", "retrieval_ref_fwd_bwd_ms", "hsa_layer_fwd_bwd_ms", "cudnn_causal_fwd_bwd_ms"]
     print(f"# {meta}")
     print("| " + " | ".join(cols) + " |")

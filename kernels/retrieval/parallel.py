@@ -133,59 +133,94 @@ def _check(q_slc, landmarks):
         raise ValueError(f"the fused retrieval needs a per-head retrieval width that is a power of two >= 16, got {dr}")
 
 
-class _FusedSelect(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_slc, landmarks, top_k: int, chunk_size: int):
-        _check(q_slc, landmarks)
-        q_slc, landmarks = q_slc.contiguous(), landmarks.contiguous()
-        B, T, H, DR = q_slc.shape
-        C = landmarks.shape[1]
-        K = min(top_k, C)
-        n = max(16, _pow2(K))
-        scale = 1.0 / math.sqrt(DR)
-        idx = torch.empty(B, T, H, K, device=q_slc.device, dtype=torch.int64)
-        sel = torch.empty(B, T, H, K, device=q_slc.device, dtype=torch.float32)
-        _retrieval_fwd_kernel[(triton.cdiv(T, TOKENS_PER_BLOCK), B * H)](
-            q_slc, landmarks, idx, sel,
-            q_slc.stride(0), q_slc.stride(1), q_slc.stride(2),
-            landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
-            idx.stride(0), idx.stride(1), idx.stride(2),
-            T, C, H, scale, S=chunk_size, DR=DR, BT=TOKENS_PER_BLOCK, N=n, K=K,
-        )
-        valid = torch.arange(K, device=idx.device) < (torch.arange(T, device=idx.device) // chunk_size)[:, None]
-        valid = valid.expand(B, H, T, K).permute(0, 2, 1, 3)
-        ctx.save_for_backward(q_slc, landmarks, idx, valid)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(idx, valid)
-        return idx, valid, sel
+def _forward(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int):
+    _check(q_slc, landmarks)
+    q_slc, landmarks = q_slc.contiguous(), landmarks.contiguous()
+    B, T, H, DR = q_slc.shape
+    C = landmarks.shape[1]
+    K = min(top_k, C)
+    idx = torch.empty(B, T, H, K, device=q_slc.device, dtype=torch.int64)
+    sel = torch.empty(B, T, H, K, device=q_slc.device, dtype=torch.float32)
+    _retrieval_fwd_kernel[(triton.cdiv(T, TOKENS_PER_BLOCK), B * H)](
+        q_slc, landmarks, idx, sel,
+        q_slc.stride(0), q_slc.stride(1), q_slc.stride(2),
+        landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
+        idx.stride(0), idx.stride(1), idx.stride(2),
+        T, C, H, 1.0 / math.sqrt(DR), S=chunk_size, DR=DR, BT=TOKENS_PER_BLOCK, N=max(16, _pow2(K)), K=K,
+    )
+    valid = torch.arange(K, device=idx.device) < (torch.arange(T, device=idx.device) // chunk_size)[:, None]
+    return idx, valid.expand(B, H, T, K).permute(0, 2, 1, 3).contiguous(), sel
 
-    @staticmethod
-    def backward(ctx, _didx, _dvalid, dsel):
-        q_slc, landmarks, idx, valid = ctx.saved_tensors
-        B, T, H, DR = q_slc.shape
-        C, K = landmarks.shape[1], idx.shape[-1]
-        dsel = torch.where(valid, dsel, 0.0).float().contiguous()
-        dq = torch.empty_like(q_slc)
-        _retrieval_dq_kernel[(triton.cdiv(T, TOKENS_PER_BLOCK), B * H)](
-            dsel, idx, landmarks, dq,
-            dsel.stride(0), dsel.stride(1), dsel.stride(2),
-            landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            T, H, ctx.scale, DR=DR, BT=TOKENS_PER_BLOCK, K=K,
-        )
-        entries, offsets = chunk_csr(idx, valid, C)
-        dl = torch.empty_like(landmarks)
-        _retrieval_dlmk_kernel[(C, B * H)](
-            dsel, q_slc, entries, offsets, dl,
-            dsel.stride(0), dsel.stride(1), dsel.stride(2), q_slc.stride(0), q_slc.stride(1), q_slc.stride(2),
-            entries.stride(0), entries.stride(1), offsets.stride(0), offsets.stride(1),
-            dl.stride(0), dl.stride(1), dl.stride(2),
-            H, ctx.scale, DR=DR, BR=64, K=K,
-        )
-        return dq, dl, None, None
+
+def _backward(dsel, q_slc, landmarks, idx, valid):
+    q_slc, landmarks = q_slc.contiguous(), landmarks.contiguous()
+    B, T, H, DR = q_slc.shape
+    C, K = landmarks.shape[1], idx.shape[-1]
+    scale = 1.0 / math.sqrt(DR)
+    dsel = torch.where(valid, dsel, 0.0).float().contiguous()
+    dq = torch.empty_like(q_slc)
+    _retrieval_dq_kernel[(triton.cdiv(T, TOKENS_PER_BLOCK), B * H)](
+        dsel, idx, landmarks, dq,
+        dsel.stride(0), dsel.stride(1), dsel.stride(2),
+        landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        T, H, scale, DR=DR, BT=TOKENS_PER_BLOCK, K=K,
+    )
+    entries, offsets = chunk_csr(idx, valid, C)
+    dl = torch.empty_like(landmarks)
+    _retrieval_dlmk_kernel[(C, B * H)](
+        dsel, q_slc, entries, offsets, dl,
+        dsel.stride(0), dsel.stride(1), dsel.stride(2), q_slc.stride(0), q_slc.stride(1), q_slc.stride(2),
+        entries.stride(0), entries.stride(1), offsets.stride(0), offsets.stride(1),
+        dl.stride(0), dl.stride(1), dl.stride(2),
+        H, scale, DR=DR, BR=64, K=K,
+    )
+    return dq, dl
+
+
+# -- a custom op with a fake implementation, so torch.compile treats it as opaque --------------------
+@torch.library.custom_op("hsa_lightning::select_chunks", mutates_args=())
+def _select_op(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int,
+               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q_slc, landmarks, top_k, chunk_size)
+
+
+@_select_op.register_fake
+def _(q_slc, landmarks, top_k, chunk_size):
+    B, T, H, _ = q_slc.shape
+    shape = (B, T, H, min(top_k, landmarks.shape[1]))
+    return (q_slc.new_empty(shape, dtype=torch.int64), q_slc.new_empty(shape, dtype=torch.bool),
+            q_slc.new_empty(shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("hsa_lightning::select_chunks_backward", mutates_args=())
+def _select_backward_op(dsel: torch.Tensor, q_slc: torch.Tensor, landmarks: torch.Tensor, idx: torch.Tensor,
+                        valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dsel, q_slc, landmarks, idx, valid)
+
+
+@_select_backward_op.register_fake
+def _(dsel, q_slc, landmarks, idx, valid):
+    return torch.empty_like(q_slc), torch.empty_like(landmarks)
+
+
+def _setup_context(ctx, inputs, output):
+    q_slc, landmarks, _, _ = inputs
+    idx, valid, _ = output
+    ctx.save_for_backward(q_slc, landmarks, idx, valid)
+    ctx.mark_non_differentiable(idx, valid)
+
+
+def _autograd_backward(ctx, _didx, _dvalid, dsel):
+    q_slc, landmarks, idx, valid = ctx.saved_tensors
+    dq, dl = _select_backward_op(dsel, q_slc, landmarks, idx, valid)
+    return dq, dl, None, None
+
+
+_select_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def select_chunks_fused(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int):
     """(indices, valid, selected_scores), each (B, T, Hkv, min(top_k, C)); equal to
     ``select_chunks(retrieval_scores(...))`` plus the gathered scores, differentiable in the scores."""
-    return _FusedSelect.apply(q_slc, landmarks, top_k, chunk_size)
+    return _select_op(q_slc, landmarks, top_k, chunk_size)
