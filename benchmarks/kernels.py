@@ -101,7 +101,7 @@ def run_case(L, k, D, G, pattern, args, device):
     do = torch.randn_like(q)
     row = {"L": L, "top_k": k, "head_dim": D, "G": G, "pattern": pattern, "shared": round(shared_fraction(idx), 3)}
     bt, _ = tile_shape(G)
-    row["union_per_k"] = round((block_union(idx, bt)[1].float().mean() / bt / k).item() * bt, 2)
+    row["union_per_k"] = round(block_union(idx, bt)[1].float().mean().item() / k, 2)
     row["hsa_fwd_ms"] = bench(lambda: hsa_attention(q, kk, v, w, idx, S))
 
     def fwd_bwd():
