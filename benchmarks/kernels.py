@@ -160,7 +160,7 @@ def main() -> None:
     p.add_argument("--head_dims", default="64,128")
     p.add_argument("--groups", default="1,4,16")
     p.add_argument("--patterns", default="smooth,random")
-    p.add_argument("--max_dense_len", type=int, default=131072)
+    p.add_argument("--max_dense_len", type=int, default=131072, help="longest L for the dense / layer columns")
     p.add_argument("--max_retrieval_len", type=int, default=131072, help="longest L for the reference retrieval")
     p.add_argument("--skip_retrieval", action="store_true")
     p.add_argument("--out", default="docs/kernels.json")
@@ -185,14 +185,15 @@ def main() -> None:
             for D in ints(args.head_dims):
                 for k in ints(args.top_k):
                     for L in ints(args.lengths):
+                        torch._dynamo.reset()  # FlexAttention compiles per shape; stay under the recompile limit
                         row = run_case(L, k, D, G, pattern, args, device)
                         torch.cuda.empty_cache()
                         rows.append(row)
+                        with open(args.out, "w") as f:  # after every row, so a cut-off run keeps its table
+                            json.dump({"meta": meta, "rows": rows}, f, indent=1)
                         cells = [row.get(c, "") for c in cols]
                         print("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |",
                               flush=True)
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
