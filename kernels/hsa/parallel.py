@@ -138,14 +138,6 @@ def _chunk_softmax(q, kt, scale):
     return p / tl.sum(p, axis=1)[:, None]
 
 
-@triton.jit
-def _block_selection(IDX, W, b, h, pid_t, T, swb, swt, swh, BT: tl.constexpr, KSEL: tl.constexpr,
-                     K_PAD: tl.constexpr):
-    """The token block's selections, one row per token: offsets, mask, chunk ids and weights."""
-    sel_off, sel_ok, idx, w = _block_selection(IDX, W, b, h, pid_t, T, swb, swt, swh, BT, KSEL, K_PAD)
-    return sel_off, sel_ok, idx, w
-
-
 @_tuned("G", "D", "S", "KSEL", "BT")
 @triton.jit
 def _hsa_fwd_kernel(
@@ -163,7 +155,13 @@ def _hsa_fwd_kernel(
     head = (h * G + g).to(tl.int64)
     q = tl.load(Q + b.to(tl.int64) * sqb + tok.to(tl.int64)[:, None] * sqt + head[:, None] * sqh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
-    _, _, idx, w = _block_selection(IDX, W, b, h, pid_t, T, swb, swt, swh, BT, KSEL, K_PAD)
+    # The block's selections, one row per token: chunk ids and weights (K_PAD >= KSEL slots).
+    btok = pid_t * BT + tl.arange(0, BT)
+    kk = tl.arange(0, K_PAD)
+    sel_off = b.to(tl.int64) * swb + btok.to(tl.int64)[:, None] * swt + h * swh + kk[None, :]
+    sel_ok = (btok < T)[:, None] & (kk < KSEL)[None, :]
+    idx = tl.load(IDX + sel_off, mask=sel_ok, other=-1)
+    w = tl.load(W + sel_off, mask=sel_ok, other=0.0)
     acc = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
     u_base = UNION + b.to(tl.int64) * sub + h * suh + pid_t.to(tl.int64) * sun
     n = tl.load(COUNT + b * scb + h * sch + pid_t)
@@ -198,7 +196,12 @@ def _hsa_bwd_dq_kernel(
     row_off = b.to(tl.int64) * sqb + tok.to(tl.int64)[:, None] * sqt + head[:, None] * sqh + d[None, :]
     q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    sel_off, sel_ok, idx, w = _block_selection(IDX, W, b, h, pid_t, T, swb, swt, swh, BT, KSEL, K_PAD)
+    btok = pid_t * BT + tl.arange(0, BT)
+    kk = tl.arange(0, K_PAD)
+    sel_off = b.to(tl.int64) * swb + btok.to(tl.int64)[:, None] * swt + h * swh + kk[None, :]
+    sel_ok = (btok < T)[:, None] & (kk < KSEL)[None, :]
+    idx = tl.load(IDX + sel_off, mask=sel_ok, other=-1)
+    w = tl.load(W + sel_off, mask=sel_ok, other=0.0)
     dq = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
     dw = tl.zeros((BT, K_PAD), dtype=tl.float32)
     u_base = UNION + b.to(tl.int64) * sub + h * suh + pid_t.to(tl.int64) * sun
