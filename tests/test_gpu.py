@@ -148,3 +148,18 @@ def test_fused_retrieval_on_cuda_matches_reference_selection():
     assert agree > 0.995  # bf16 inputs: only near-ties may swap
     same = (idx == ref_idx) & valid
     torch.testing.assert_close(sel[same], torch.gather(scores, -1, ref_idx)[same], rtol=1e-3, atol=1e-3)
+
+
+def test_hsatriton_model_trains_under_bf16_autocast():
+    kw = dict(d_model=128, n_heads=8, hsa_kv_heads=1, chunk_size=64, window=64, top_k=4)
+    torch.manual_seed(0)
+    model = build_model("HSATriton", ("UltraLong", {"groups": 2}), dtype=torch.float32, **kw).cuda()
+    x = torch.randint(0, 64, (2, 300), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        nll, n = model.loss(x, x)
+    nll.backward()
+    ref = build_model("HSAReference", ("UltraLong", {"groups": 2}), dtype=torch.float32, **kw).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref_nll, _ = ref.loss(x, x)
+    assert abs(nll.item() - ref_nll.item()) / ref_nll.item() < 1e-2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

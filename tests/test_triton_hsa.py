@@ -131,3 +131,11 @@ def test_model_with_hsatriton_matches_hsareference():
     ga = torch.autograd.grad(a.square().mean(), list(ref.parameters()))
     gb = torch.autograd.grad(b.square().mean(), list(tri.parameters()))
     assert max(rel(y, z) for y, z in zip(gb, ga) if z.abs().max() > 0) < 1e-3
+
+
+def test_mixed_input_dtypes_are_cast_to_the_narrowest():
+    """Under autocast the query can be bf16 while normed keys stay fp32; the ops cast before the kernels
+    (the interpreter cannot run 16-bit masked loads, so the end-to-end check is the GPU autocast test)."""
+    q, k, v = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2), torch.zeros(2, dtype=torch.float64)
+    assert [t.dtype for t in parallel.common_dtype(q, k, v)] == [torch.bfloat16] * 3
+    assert [t.dtype for t in parallel.common_dtype(k, k)] == [torch.float32] * 2

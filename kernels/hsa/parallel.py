@@ -429,4 +429,11 @@ def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: to
     """Triton HSA: same contract as ``hsa_attention_reference`` (q (B,T,H,D); k, v (B,Lm,Hkv,D);
     weights float and indices int64 (B,T,Hkv,K)); differentiable in q, k, v and weights."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q, k, v = common_dtype(q, k, v)
     return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale)
+
+
+def common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast to the narrowest dtype present (autocast can hand bf16 queries and fp32 normed keys)."""
+    dtype = min((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+    return tuple(t.to(dtype) for t in tensors)

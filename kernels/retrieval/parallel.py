@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hsa_lightning.kernels.hsa.parallel import _pow2, chunk_csr
+from hsa_lightning.kernels.hsa.parallel import _pow2, chunk_csr, common_dtype
 
 TOKENS_PER_BLOCK = 64
 
@@ -223,4 +223,5 @@ _select_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 def select_chunks_fused(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int):
     """(indices, valid, selected_scores), each (B, T, Hkv, min(top_k, C)); equal to
     ``select_chunks(retrieval_scores(...))`` plus the gathered scores, differentiable in the scores."""
+    q_slc, landmarks = common_dtype(q_slc, landmarks)
     return _select_op(q_slc, landmarks, top_k, chunk_size)
