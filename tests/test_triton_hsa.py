@@ -134,8 +134,12 @@ def test_model_with_hsatriton_matches_hsareference():
 
 
 def test_mixed_input_dtypes_are_cast_to_the_narrowest():
-    """Under autocast the query can be bf16 while normed keys stay fp32; the ops cast before the kernels
-    (the interpreter cannot run 16-bit masked loads, so the end-to-end check is the GPU autocast test)."""
-    q, k, v = torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2), torch.zeros(2, dtype=torch.float64)
-    assert [t.dtype for t in parallel.common_dtype(q, k, v)] == [torch.bfloat16] * 3
-    assert [t.dtype for t in parallel.common_dtype(k, k)] == [torch.float32] * 2
+    """Under autocast the query can be 16-bit while normed keys stay fp32; the op must not mix them."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 40, 2, 16, generator=g)
+    k, v = torch.randn(1, 48, 1, 16, generator=g), torch.randn(1, 48, 1, 16, generator=g)
+    idx, w = selection("retrieval", 1, 40, 1, 3, 16, 2, g)
+    out = hsa_attention(q.half(), k, v, w, idx, 16)
+    assert out.dtype == torch.float16
+    assert rel(out.float(), hsa_attention_reference(q, k, v, w, idx, 16)) < 1e-2
+    assert [t.dtype for t in parallel.common_dtype(k, q.bfloat16(), k.double())] == [torch.bfloat16] * 3
