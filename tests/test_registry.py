@@ -133,5 +133,8 @@ def test_capabilities_are_checked_when_the_module_is_configured():
         module.configure_model()  # outside a Trainer the model is configured for the CPU
     assert str(err.value) == "attention backend _CudaOnly does not run on device='cpu'; it runs on ['cuda']"
     assert module.model is None
+    with pytest.raises(PluginError) as err:
+        HSALitModule(config={"n_heads": 32, "d_model": 256}, attention="HSATriton")
+    assert str(err.value) == "attention backend HSATriton needs head_dim to be a power of two >= 16, got head_dim=8"
     with pytest.raises(PluginError, match=r"does not support dtype=torch.float64; it supports \['torch.float32'\]"):
         _NoDouble().check_runtime(torch.device("cpu"), torch.float64)

@@ -69,7 +69,7 @@ class HSALitModule(L.LightningModule):
         self.position = build_plugin("position", position)
         self.ffn = build_plugin("ffn", ffn)
         # Everything that can be checked without a device is checked now, before any model exists.
-        self.attention.check_static(self.config.fusion)
+        self.attention.check_static(self.config)
         check_plan(self.layout.plan(self.config.n_layers), self.config.n_layers, type(self.layout).__name__)
         self.model: Optional[HSALM] = None
         self._metrics: dict[str, MeanMetric] = {}  # kept out of the module tree (meta init would corrupt them)

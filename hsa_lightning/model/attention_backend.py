@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from hsa_lightning.errors import PluginError
 from hsa_lightning.kernels.retrieval import retrieval_scores, select_chunks
+from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.registry import Registry, kind_registry
 
 FUSIONS = ("softmax", "stick_breaking", "joint")
@@ -59,15 +60,17 @@ class AttentionBackend:
     aliases: ClassVar[tuple[str, ...]] = ()
 
     # -- capabilities --------------------------------------------------------------------------
-    def check_static(self, fusion: str) -> None:
-        """Checks that need no device: dependencies and semantics. Raised at configuration time."""
+    def check_static(self, config: ModelConfig) -> None:
+        """Checks that need no device: dependencies and the model's semantics and shapes.
+        Raised at configuration time; backends with shape limits extend it."""
         name = type(self).__name__
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         if missing:
             raise PluginError(f"attention backend {name} needs {', '.join(missing)}, which is not installed")
-        if fusion not in self.fusions:
+        if config.fusion not in self.fusions:
             raise PluginError(
-                f"attention backend {name} does not support fusion={fusion!r}; it supports {sorted(self.fusions)}"
+                f"attention backend {name} does not support fusion={config.fusion!r}; "
+                f"it supports {sorted(self.fusions)}"
             )
 
     def check_runtime(self, device: torch.device, dtype: torch.dtype) -> None:

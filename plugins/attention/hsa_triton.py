@@ -16,6 +16,7 @@ import torch
 
 from hsa_lightning.errors import PluginError
 from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, Selection
+from hsa_lightning.model.config import ModelConfig
 
 
 class HSATriton(AttentionBackend):
@@ -29,6 +30,12 @@ class HSATriton(AttentionBackend):
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
             device = torch.device("cuda")  # the interpreter stands in for the GPU
         super().check_runtime(device, dtype)
+
+    def check_static(self, config: ModelConfig) -> None:
+        super().check_static(config)
+        for field, value in (("head_dim", config.resolved_head_dim), ("chunk_size", config.chunk_size)):
+            if value < 16 or value & (value - 1):
+                raise PluginError(f"attention backend HSATriton needs {field} to be a power of two >= 16, got {field}={value}")
 
     def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         window: Optional[int]) -> torch.Tensor:
