@@ -9,6 +9,7 @@ configured, never at the first forward.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from typing import ClassVar
@@ -124,6 +125,16 @@ class AttentionBackend:
         """What HSA queries (B, T, H, D) read from ``memory``; ``selection`` is None when
         ``needs_retrieval`` is False. Must return zeros for tokens that see no complete chunk."""
         raise NotImplementedError
+
+
+def prefer_fused_sdpa(q: torch.Tensor):
+    """A context preferring cuDNN, then flash, then memory-efficient SDPA kernels on CUDA; no-op elsewhere."""
+    if not q.is_cuda:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
 
 
 def sliding_window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:

@@ -9,14 +9,13 @@ blocks use FlashAttention's kernels where the ``flash_attn`` package is installe
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, Selection
+from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, Selection, prefer_fused_sdpa
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
@@ -32,7 +31,7 @@ class Flash(AttentionBackend):
             # flash_attn's window (left, right) counts keys beside the query; ours counts the query too.
             left = -1 if window is None else window - 1
             return flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
-        with _prefer_fused_sdpa(q):
+        with prefer_fused_sdpa(q):
             return super().local_attention(q, k, v, window)
 
     def memory_attention(self, q: torch.Tensor, memory: ChunkMemory,
@@ -43,17 +42,7 @@ class Flash(AttentionBackend):
         mask = torch.arange(Lm, device=q.device)[None, :] < visible_until[:, None]
         mask[:, 0] |= visible_until == 0  # rows with nothing visible read key 0 and are zeroed below
         qh, kh, vh = q.transpose(1, 2), memory.k.transpose(1, 2), memory.v.transpose(1, 2)
-        with _prefer_fused_sdpa(q):
+        with prefer_fused_sdpa(q):
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask,
                                                  enable_gqa=qh.shape[1] != kh.shape[1])
         return out.transpose(1, 2) * (visible_until > 0)[None, :, None, None].to(out.dtype)
-
-
-def _prefer_fused_sdpa(q: torch.Tensor):
-    if not q.is_cuda:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)

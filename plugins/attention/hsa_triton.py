@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from hsa_lightning.errors import PluginError
-from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, Selection
+from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, Selection, prefer_fused_sdpa
 from hsa_lightning.model.config import ModelConfig
 
 
@@ -41,12 +41,8 @@ class HSATriton(AttentionBackend):
                         window: Optional[int]) -> torch.Tensor:
         if q.is_cuda and window is not None and window < q.shape[1]:
             return _flex_sliding_window(q, k, v, window)
-        if q.is_cuda:
-            from hsa_lightning.plugins.attention.flash import _prefer_fused_sdpa
-
-            with _prefer_fused_sdpa(q):
-                return super().local_attention(q, k, v, window)
-        return super().local_attention(q, k, v, window)
+        with prefer_fused_sdpa(q):
+            return super().local_attention(q, k, v, window)
 
     def select(self, q_slc, landmarks, top_k, chunk_size, gumbel):
         dr = q_slc.shape[-1]
