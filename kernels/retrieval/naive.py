@@ -56,8 +56,6 @@ def fusion_weights(
     recency: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weights (B, T, Hkv, K) from the clean scores of the selected chunks; see ``weights_from_selected``."""
-    if rule == "joint":
-        return valid.to(torch.float32)
     return weights_from_selected(torch.gather(scores, -1, indices), valid, rule, recency)
 
 
