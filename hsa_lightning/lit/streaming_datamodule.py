@@ -1,0 +1,336 @@
+"""StreamingDataModule: tokenised MDS shards (local or remote) as constant-token training batches.
+
+Shards hold fixed blocks of ``block_len + 1`` tokens (``hsa_lightning.data.shards``). A training batch
+is ``tokens_per_batch // block_len`` blocks, cut into sequences of the current ``seq_len`` (which must
+divide ``block_len``), so the number of tokens per step stays constant when a curriculum changes the
+sequence length. Several streams mix with proportions (over blocks, hence over tokens). A share of
+the sequences is replaced by synthetic retrieval tasks (RULER format, needles in the sequence's own
+text), chosen by a seed and the block's id, so it is the same after a resume.
+
+Resume: the loader reports as its state the blocks the *trainer consumed* (counted when a batch is
+transferred), not the ones the prefetching loader already yielded, so a mid-epoch checkpoint resumes
+with exactly the next batch, on one process or many.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import lightning as L
+import numpy as np
+import torch
+
+from hsa_lightning.data.shards import MANIFEST, read_manifest
+from hsa_lightning.data.tasks import TASKS
+from hsa_lightning.data.tokenizer import load_tokenizer
+from hsa_lightning.errors import ConfigError
+
+
+@dataclass
+class StreamSpec:
+    """One shard folder: ``local`` (a folder, or the cache for ``remote``), any remote streaming
+    supports (s3://, gs://, oci://, ...), and its share of the mix (``None``: by size)."""
+
+    local: str
+    remote: Optional[str] = None
+    proportion: Optional[float] = None
+
+
+Streams = Union[str, list[StreamSpec]]
+
+
+class StreamingDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train: Streams,
+        val: Optional[Streams] = None,
+        seq_len: int = 4096,
+        tokens_per_batch: int = 32768,
+        tokenizer: str = "byte",
+        synthetic_share: float = 0.01,
+        synthetic_tasks: Sequence[str] = ("s_niah", "mq_niah", "vt"),
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 2,
+    ):
+        """
+        Args:
+            train: a shard folder, or a list of streams ``{local, remote, proportion}`` to mix.
+            val: the same for validation (read in order, no synthetic samples); none: no validation.
+            seq_len: tokens per training sequence; must divide the shards' ``block_len``.
+            tokens_per_batch: tokens per step on each device; a multiple of ``block_len``.
+            tokenizer: ``byte`` or a ``tokenizer.json``; must be the one the shards were written with.
+            synthetic_share: share of training sequences replaced by a synthetic retrieval task.
+            synthetic_tasks: which tasks (``s_niah``, ``mq_niah``, ``vt``), drawn uniformly.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_streams = _as_streams(train, "train")
+        self.val_streams = _as_streams(val, "val") if val is not None else []
+        if seq_len < 1:
+            raise ConfigError(f"data seq_len={seq_len} must be >= 1")
+        if tokens_per_batch < 1 or tokens_per_batch % seq_len:
+            raise ConfigError(f"data tokens_per_batch={tokens_per_batch} must be a positive multiple of "
+                              f"seq_len={seq_len}")
+        if not 0.0 <= synthetic_share <= 1.0:
+            raise ConfigError(f"data synthetic_share={synthetic_share} must be within [0, 1]")
+        unknown = [t for t in synthetic_tasks if t not in TASKS]
+        if unknown or not synthetic_tasks:
+            raise ConfigError(f"data synthetic_tasks={list(synthetic_tasks)}: choose from {', '.join(TASKS)}")
+        if num_workers < 0:
+            raise ConfigError(f"data num_workers={num_workers} must be >= 0")
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.vocab_size = self.tokenizer.vocab_size
+        self.tokens_per_batch, self.synthetic_share = tokens_per_batch, synthetic_share
+        self.synthetic_tasks = list(synthetic_tasks)
+        self.block_len: Optional[int] = None
+        self._seq_len = seq_len
+        self._train_loader = None
+        self._datasets: dict[str, object] = {}
+
+    # -- shape ----------------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self._seq_len
+
+    @seq_len.setter
+    def seq_len(self, value: int) -> None:
+        """A curriculum may change the sequence length between steps; tokens per batch stay fixed."""
+        if self.tokens_per_batch % value:
+            raise ConfigError(f"data seq_len={value} must divide tokens_per_batch={self.tokens_per_batch}")
+        if self.block_len is not None:
+            _check_shapes(value, self.tokens_per_batch, self.block_len)
+        self._seq_len = value
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per batch at the current ``seq_len``."""
+        return self.tokens_per_batch // self.seq_len
+
+    # -- setup ----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        manifests = [self._manifest(s) for s in self.train_streams + self.val_streams]
+        block_lens = {m["block_len"] for m in manifests}
+        if len(block_lens) > 1:
+            folders = [s.local for s in self.train_streams + self.val_streams]
+            raise ConfigError(f"data streams {folders} have different block_len {sorted(block_lens)}; "
+                              f"write them with the same --block-len")
+        self.block_len = block_lens.pop()
+        _check_shapes(self.seq_len, self.tokens_per_batch, self.block_len)
+        if self.synthetic_share > 0:
+            self._check_tasks_fit()
+        if self.trainer is not None:
+            self._prepare_streaming_env()
+
+    def _manifest(self, stream: StreamSpec) -> dict:
+        local = Path(stream.local)
+        if stream.remote is not None and not (local / MANIFEST).is_file():
+            from streaming.base.storage import download_file
+
+            local.mkdir(parents=True, exist_ok=True)
+            download_file(f"{stream.remote.rstrip('/')}/{MANIFEST}", str(local / MANIFEST), 60)
+            download_file(f"{stream.remote.rstrip('/')}/index.json", str(local / "index.json"), 60)
+        manifest = read_manifest(local)
+        written = manifest["tokenizer"]
+        if written["fingerprint"] != self.tokenizer.fingerprint:
+            raise ConfigError(
+                f"shard folder {stream.local!r} was written with tokenizer {written['name']!r} "
+                f"({written['fingerprint']}, vocab_size={written['vocab_size']}) but data tokenizer="
+                f"{self.hparams.tokenizer!r} is {self.tokenizer.fingerprint}; re-run prepare with this tokenizer "
+                f"or set data.tokenizer to the shards' one"
+            )
+        return manifest
+
+    def _check_tasks_fit(self) -> None:
+        empty = np.zeros(0, dtype=np.int64)
+        for name in self.synthetic_tasks:
+            try:
+                TASKS[name](self.tokenizer, empty, self.seq_len + 1, np.random.default_rng(0))
+            except ValueError as e:
+                raise ConfigError(f"data seq_len={self.seq_len} is too short for synthetic task {name!r}: {e}; "
+                                  f"use a longer seq_len or synthetic_share: 0") from None
+
+    def _prepare_streaming_env(self) -> None:
+        """mosaicml-streaming reads its world from RANK / LOCAL_WORLD_SIZE, which Lightning's own
+        launcher does not set (torchrun does); stale shared memory of our cache folders is removed."""
+        trainer = self.trainer
+        os.environ.setdefault("RANK", str(trainer.global_rank))
+        os.environ.setdefault("WORLD_SIZE", str(trainer.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(trainer.local_rank))
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(trainer.num_devices))
+        if not self._datasets and trainer.local_rank == 0:
+            _remove_stale_shared_memory([os.path.abspath(s.local) for s in self.train_streams + self.val_streams])
+        trainer.strategy.barrier("hsa_streaming_setup")
+
+    # -- loaders --------------------------------------------------------------------------------
+    def _dataset(self, split: str):
+        if split not in self._datasets:  # once per process: streaming forbids re-registering a folder
+            streams = self.train_streams if split == "train" else self.val_streams
+            self._datasets[split] = _make_dataset(
+                streams, batch_size=self.tokens_per_batch // self.block_len,
+                shuffle=self.hparams.shuffle and split == "train", seed=self.hparams.seed,
+            )
+        return self._datasets[split]
+
+    def _loader(self, split: str):
+        dataset = self._dataset(split)
+        workers = self.hparams.num_workers
+        return _consumption_loader()(dataset, batch_size=self.tokens_per_batch // self.block_len,
+                                     num_workers=workers, collate_fn=_collate, drop_last=split == "train",
+                                     persistent_workers=False)
+
+    def train_dataloader(self):
+        self._train_loader = self._loader("train")
+        return self._train_loader
+
+    def val_dataloader(self):
+        return self._loader("val") if self.val_streams else []
+
+    # -- batches --------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        training = self.trainer is not None and self.trainer.training
+        if training and self._train_loader is not None:
+            self._train_loader.consumed += batch["tokens"].shape[0]
+        return self.make_batch(batch["tokens"], batch["sample_ids"], inject=training)
+
+    def make_batch(self, tokens: torch.Tensor, sample_ids: torch.Tensor, inject: bool = True) -> dict:
+        """Blocks (n, block_len + 1) -> ``input_ids``/``labels`` (n * block_len / seq_len, seq_len); pad labels -100."""
+        seqs, piece_ids = cut_blocks(tokens, sample_ids, self.seq_len)
+        if inject and self.synthetic_share > 0:
+            seqs, _ = inject_tasks(seqs, piece_ids, self.tokenizer, self.synthetic_share, self.synthetic_tasks,
+                                   self.hparams.seed)
+        labels = seqs[:, 1:].clone()
+        labels[labels == self.tokenizer.pad] = -100
+        return {"input_ids": seqs[:, :-1].contiguous(), "labels": labels}
+
+
+# -- pieces, module level so tests use them directly ---------------------------------------------
+
+def cut_blocks(tokens: torch.Tensor, sample_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, N + 1) blocks -> (n * N / seq_len, seq_len + 1) sequences (each with its next-token label) and
+    (same rows, 2) ids ``[sample_id, piece]`` that seed any synthetic replacement."""
+    n, width = tokens.shape
+    per = (width - 1) // seq_len
+    cols = torch.arange(per)[:, None] * seq_len + torch.arange(seq_len + 1)[None, :]
+    seqs = tokens[:, cols].reshape(n * per, seq_len + 1)
+    piece_ids = torch.stack([sample_ids.repeat_interleave(per), torch.arange(per).repeat(n)], dim=1)
+    return seqs, piece_ids
+
+
+def inject_tasks(seqs: torch.Tensor, piece_ids: torch.Tensor, tokenizer, share: float, tasks: Sequence[str],
+                 seed: int) -> tuple[torch.Tensor, list[str | None]]:
+    """Replace each sequence with probability ``share`` by a synthetic task over its own text.
+    Returns the new sequences and, per row, the task name or None."""
+    out, chosen = seqs.clone(), []
+    length = seqs.shape[1]
+    for row, (sample_id, piece) in enumerate(piece_ids.tolist()):
+        rng = np.random.default_rng([seed, sample_id, piece, length])
+        if rng.random() >= share:
+            chosen.append(None)
+            continue
+        name = tasks[int(rng.integers(len(tasks)))]
+        sample = TASKS[name](tokenizer, seqs[row].numpy(), length, rng)
+        out[row] = torch.from_numpy(sample.tokens)
+        chosen.append(name)
+    return out, chosen
+
+
+def _check_shapes(seq_len: int, tokens_per_batch: int, block_len: int) -> None:
+    if block_len % seq_len:
+        raise ConfigError(f"data seq_len={seq_len} must divide the shards' block_len={block_len} "
+                          f"(write shards with a --block-len that is a multiple of it)")
+    if tokens_per_batch % block_len:
+        raise ConfigError(f"data tokens_per_batch={tokens_per_batch} must be a multiple of the shards' "
+                          f"block_len={block_len}: a batch is made of whole blocks (write shards with a smaller "
+                          f"--block-len, or raise tokens_per_batch)")
+
+
+def _as_streams(value: Streams, field: str) -> list[StreamSpec]:
+    if isinstance(value, (str, Path)):
+        return [StreamSpec(local=str(value))]
+    streams = [s if isinstance(s, StreamSpec) else StreamSpec(**s) for s in value]
+    if not streams:
+        raise ConfigError(f"data {field}: give a shard folder or a non-empty list of streams")
+    given = [s.proportion for s in streams if s.proportion is not None]
+    if given and len(given) != len(streams):
+        raise ConfigError(f"data {field}: set proportion on every stream or on none")
+    if any(p <= 0 for p in given):
+        raise ConfigError(f"data {field}: proportions {given} must all be > 0")
+    return streams
+
+
+def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    # streaming hands out read-only numpy views; copy once into a writable int64 tensor
+    tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64))
+    return {"tokens": tokens, "sample_ids": torch.tensor([s["sample_id"] for s in samples], dtype=torch.int64)}
+
+
+def _make_dataset(streams: list[StreamSpec], batch_size: int, shuffle: bool, seed: int):
+    from streaming import Stream, StreamingDataset
+
+    class _IndexedDataset(StreamingDataset):
+        """Samples carry their global id: it seeds synthetic replacements reproducibly."""
+
+        def get_item(self, sample_id: int, retry: int = 7):
+            return {"tokens": super().get_item(sample_id, retry)["tokens"], "sample_id": sample_id}
+
+    mixed = [Stream(local=s.local, remote=s.remote, proportion=s.proportion) for s in streams]
+    return _IndexedDataset(streams=mixed, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                           shuffle_algo="py1e")
+
+
+def _consumption_loader():
+    from streaming import StreamingDataLoader
+    from streaming.base.world import World
+
+    class ConsumptionLoader(StreamingDataLoader):
+        """Its state counts the blocks the trainer used (``consumed``), not those prefetched."""
+
+        consumed = 0
+
+        def __iter__(self):
+            self.consumed = 0
+            yield from super().__iter__()
+
+        def state_dict(self):
+            return self.dataset.state_dict(self.consumed * World.detect().num_ranks, False)
+
+    return ConsumptionLoader
+
+
+def _remove_stale_shared_memory(local_dirs: list[str]) -> None:
+    """Unlink streaming's shared memory registered for *our* folders by an earlier (crashed) run.
+
+    ``streaming.base.util.clean_stale_shared_memory`` removes every job's shared memory on the host,
+    which breaks other live jobs; this touches only prefixes that list one of our folders.
+    """
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared.prefix import _get_path, _unpack_locals
+
+    def attach(name: str):  # streaming's wrapper keeps the resource tracker from unlinking at our exit
+        try:
+            return SharedMemory(name, False, auto_cleanup=False).shm
+        except (FileNotFoundError, PermissionError):
+            return None
+
+    missing = 0
+    for prefix in range(1 << 16):
+        shm = attach(_get_path(prefix, LOCALS))
+        if shm is None:
+            missing += 1
+            if missing > 64:
+                return
+            continue
+        missing = 0
+        theirs, _ = _unpack_locals(bytes(shm.buf))
+        shm.close()
+        if not set(theirs) & set(local_dirs):
+            continue
+        for name in SHM_TO_CLEAN:
+            stale = attach(_get_path(prefix, name))
+            if stale is not None:
+                stale.close()
+                stale.unlink()
