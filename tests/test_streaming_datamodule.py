@@ -1,0 +1,198 @@
+"""StreamingDataModule: token-exact batches, packing invariants, mixing, synthetic share, resume, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from hsa_lightning.data.shards import write_shards
+from hsa_lightning.data.tasks import VT_HEAD
+from hsa_lightning.data.tokenizer import ByteTokenizer, train_bpe
+from hsa_lightning.errors import ConfigError
+from hsa_lightning.lit.streaming_datamodule import StreamingDataModule, cut_blocks, inject_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = ByteTokenizer()
+
+
+def corpus(tmp_path: Path, name: str, docs: list[str], block_len: int, tokenizer=TOK) -> Path:
+    src = tmp_path / f"{name}.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write_shards([str(src)], tmp_path / name, tokenizer, block_len=block_len, progress=False)
+    return tmp_path / name
+
+
+def prose(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = "the river runs past old mills and quiet farms under a grey sky".split()
+    return [" ".join(rng.choice(words, int(rng.integers(20, 400)))).capitalize() + "." for _ in range(n)]
+
+
+def epoch(dm: StreamingDataModule, inject: bool = False):
+    dm.setup("fit")
+    for raw in dm.train_dataloader():
+        seqs, piece_ids = cut_blocks(raw["tokens"], raw["sample_ids"], dm.seq_len)
+        yield raw, dm.make_batch(raw["tokens"], raw["sample_ids"], inject=inject), piece_ids
+
+
+def test_epoch_is_token_exact_and_covers_every_token_once(tmp_path):
+    docs = prose(60)
+    folder = corpus(tmp_path, "c", docs, block_len=128)
+    dm = StreamingDataModule(train=str(folder), seq_len=64, tokens_per_batch=256, synthetic_share=0, num_workers=0)
+    pieces = {}
+    for raw, batch, piece_ids in epoch(dm):
+        assert batch["input_ids"].shape == (4, 64) == batch["labels"].shape  # 2 blocks of 128 -> 4 x 64
+        for row, (sid, piece) in enumerate(piece_ids.tolist()):
+            assert (sid, piece) not in pieces  # nothing duplicated
+            pieces[(sid, piece)] = (batch["input_ids"][row], batch["labels"][row])
+    n_blocks = json.loads((folder / "manifest.json").read_text())["samples"]
+    assert sorted(pieces) == [(s, p) for s in range(n_blocks) for p in range(2)]  # nothing lost
+    inputs = torch.cat([pieces[k][0] for k in sorted(pieces)])
+    labels = torch.cat([pieces[k][1] for k in sorted(pieces)])
+    stream = []
+    for d in docs:
+        stream += TOK.encode(d) + [TOK.doc_sep]
+    n = len(stream)
+    assert inputs[:n].tolist() == stream  # token-exact, separators between documents
+    assert labels[: n - 1].tolist() == stream[1:]  # every label is the next token
+    assert (inputs[n:] == TOK.pad).all() and (labels[n - 1:] == -100).all()  # padding is never scored
+    assert int((inputs == TOK.doc_sep).sum()) == len(docs)
+
+
+def test_seq_len_change_keeps_tokens_per_batch(tmp_path):
+    folder = corpus(tmp_path, "c", prose(30), block_len=128)
+    dm = StreamingDataModule(train=str(folder), seq_len=128, tokens_per_batch=256, synthetic_share=0, num_workers=0)
+    dm.setup("fit")
+    raw = next(iter(dm.train_dataloader()))
+    long = dm.make_batch(raw["tokens"], raw["sample_ids"])
+    dm.seq_len = 32
+    short = dm.make_batch(raw["tokens"], raw["sample_ids"])
+    assert long["input_ids"].shape == (2, 128) and short["input_ids"].shape == (8, 32) and dm.batch_size == 8
+    assert torch.equal(long["input_ids"].reshape(-1), short["input_ids"].reshape(-1))
+    with pytest.raises(ConfigError, match=r"data seq_len=48 must divide tokens_per_batch=256"):
+        dm.seq_len = 48
+    with pytest.raises(ConfigError, match=r"data seq_len=256 must divide the shards' block_len=128"):
+        dm.seq_len = 256
+
+
+def test_streams_mix_by_proportion(tmp_path):
+    a = corpus(tmp_path, "a", ["a" * 5000] * 40, block_len=128)  # ~1560 blocks each
+    b = corpus(tmp_path, "b", ["b" * 5000] * 40, block_len=128)
+    dm = StreamingDataModule(train=[{"local": str(a), "proportion": 0.8}, {"local": str(b), "proportion": 0.2}],
+                             seq_len=128, tokens_per_batch=512, synthetic_share=0, num_workers=0)
+    firsts = torch.cat([raw["tokens"][:, 1] for raw, _, _ in epoch(dm)])
+    share_a = float((firsts == ord("a")).float().mean())
+    assert len(firsts) > 1000 and abs(share_a - 0.8) < 0.03, share_a
+    with pytest.raises(ConfigError, match=r"data train: set proportion on every stream or on none"):
+        StreamingDataModule(train=[{"local": str(a), "proportion": 0.8}, {"local": str(b)}])
+
+
+def test_synthetic_share_and_samples(tmp_path):
+    text = torch.tensor(TOK.encode(" ".join(prose(40))))
+    seqs = text.repeat(16)[: 600 * 1025].reshape(600, 1025)
+    piece_ids = torch.stack([torch.arange(600), torch.zeros(600, dtype=torch.int64)], 1)
+    out, chosen = inject_tasks(seqs, piece_ids, TOK, 0.2, ["s_niah", "mq_niah", "vt"], seed=3)
+    again, chosen_again = inject_tasks(seqs, piece_ids, TOK, 0.2, ["s_niah", "mq_niah", "vt"], seed=3)
+    assert torch.equal(out, again) and chosen == chosen_again  # a pure function of the seed and ids
+    hit = [c is not None for c in chosen]
+    assert abs(sum(hit) / 600 - 0.2) < 0.05
+    assert {c for c in chosen if c} == {"s_niah", "mq_niah", "vt"}
+    for row, task in enumerate(chosen):
+        if task is None:
+            assert torch.equal(out[row], seqs[row])
+            continue
+        text_out = TOK.decode(out[row].tolist())
+        starts = {"s_niah": "A special magic number is hidden", "mq_niah": "Some special magic numbers are hidden",
+                  "vt": VT_HEAD}
+        assert text_out.startswith(starts[task])
+        if task != "vt":  # the answer at the end lists each needle's value, each needle present once
+            values = text_out.rstrip(".").split(" are ")[-1].split(" is ")[-1].split(", ")
+            assert len(values) == (1 if task == "s_niah" else 4)
+            assert all(text_out.count(f"is: {v}.") == 1 for v in values)
+
+
+def test_resume_mid_epoch_one_process(tmp_path):
+    _check_resume(tmp_path, devices=1)
+
+
+def test_resume_mid_epoch_two_processes(tmp_path):
+    _check_resume(tmp_path, devices=2)
+
+
+def _check_resume(tmp_path: Path, devices: int) -> None:
+    folder = corpus(tmp_path, "c", prose(150), block_len=512)
+    script = ROOT / "tests" / "scripts" / "record_batches.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for key in ("RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+
+    def run(out: str, *extra: str) -> list[list]:
+        cmd = [sys.executable, str(script), str(folder), str(tmp_path / out), "--steps", "9",
+               "--devices", str(devices), *extra]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads((tmp_path / f"{out}.rank{r}.json").read_text()) for r in range(devices)]
+
+    full = run("full")
+    run("part", "--save-at", "4", str(tmp_path / "ckpt"))
+    resumed = run("resumed", "--resume", str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
+    for rank in range(devices):
+        assert [s for s, _ in resumed[rank]] == list(range(4, 9))
+        assert resumed[rank] == full[rank][4:]  # exactly the batches the uninterrupted run saw
+    if devices == 2:  # ranks read disjoint blocks
+        assert not {d for _, d in full[0]} & {d for _, d in full[1]}
+
+
+def test_bad_configuration_errors(tmp_path):
+    folder = corpus(tmp_path, "c", prose(20), block_len=128)
+    with pytest.raises(ConfigError, match=r"shard folder '.*missing' does not exist"):
+        StreamingDataModule(train=str(tmp_path / "missing"), seq_len=64, tokens_per_batch=128).setup("fit")
+    with pytest.raises(ConfigError, match=r"data seq_len=96 must divide the shards' block_len=128"):
+        StreamingDataModule(train=str(folder), seq_len=96, tokens_per_batch=192, synthetic_share=0).setup("fit")
+    with pytest.raises(ConfigError, match=r"data tokens_per_batch=64 must be a multiple of the shards' block_len=128"):
+        StreamingDataModule(train=str(folder), seq_len=64, tokens_per_batch=64, synthetic_share=0).setup("fit")
+    with pytest.raises(ConfigError, match=r"data tokens_per_batch=100 must be a positive multiple of seq_len=64"):
+        StreamingDataModule(train=str(folder), seq_len=64, tokens_per_batch=100)
+    with pytest.raises(ConfigError, match=r"data seq_len=128 is too short for synthetic task 's_niah'"):
+        StreamingDataModule(train=str(folder), seq_len=128, tokens_per_batch=128).setup("fit")
+    with pytest.raises(ConfigError, match=r"data synthetic_tasks=\['niah'\]: choose from s_niah, mq_niah, vt"):
+        StreamingDataModule(train=str(folder), synthetic_tasks=["niah"])
+
+    bpe = train_bpe(iter(prose(50)), 300, tmp_path / "tok.json")
+    with pytest.raises(ConfigError, match=r"shard folder '.*c' was written with tokenizer 'byte' \(byte:258, "
+                                          r"vocab_size=258\) but data tokenizer='.*tok\.json' is hf:300:"):
+        StreamingDataModule(train=str(folder), tokenizer=str(tmp_path / "tok.json"), seq_len=64,
+                            tokens_per_batch=128, synthetic_share=0).setup("fit")
+    assert bpe.vocab_size == 300
+
+
+def test_model_trains_on_shards_and_checks_them(tmp_path):
+    from hsa_lightning.lit.module import HSALitModule
+
+    folder = corpus(tmp_path, "c", prose(40), block_len=128)
+    val = corpus(tmp_path, "v", prose(8, seed=1), block_len=128)
+    config = dict(vocab_size=258, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, hsa_kv_heads=1,
+                  chunk_size=16, top_k=2, window=32)
+
+    def fit(seq_len: int, **model_overrides) -> L.Trainer:
+        dm = StreamingDataModule(train=str(folder), val=str(val), seq_len=seq_len, tokens_per_batch=256,
+                                 synthetic_share=0, num_workers=0)
+        module = HSALitModule(config={**config, **model_overrides}, layout={"class_path": "UltraLong",
+                                                                            "init_args": {"groups": 1}})
+        trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=2, val_check_interval=3,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=dm)
+        return trainer
+
+    trainer = fit(64)
+    assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    with pytest.raises(ConfigError, match=r"data seq_len=32 is not a multiple of model config.chunk_size=64"):
+        fit(32, chunk_size=64, window=64)
+    with pytest.raises(ConfigError, match=r"vocab_size=258 but model config.vocab_size=200"):
+        fit(64, vocab_size=200)
