@@ -68,7 +68,7 @@ def test_triton_bf16_matches_fp32_reference_and_is_deterministic(L, G, D, K):
     lmk = torch.randn(1, L // S, hkv, 32, device=dev)
     q_slc = torch.randn(1, L // S, hkv, 32, device=dev).repeat_interleave(S, 1) + 0.3 * torch.randn(1, L, hkv, 32, device=dev)
     scores = retrieval_scores(q_slc, lmk, S)
-    idx, valid = select_chunks(scores, K, S)
+    idx, valid = select_chunks(scores, K)
     w = fusion_weights(scores, idx, valid).requires_grad_()
     do = torch.randn_like(q)
     out = hsa_attention(q, k, v, w, idx, S)
@@ -142,7 +142,7 @@ def test_fused_retrieval_on_cuda_matches_reference_selection():
     lmk = torch.randn(1, L // S, 1, DR, device="cuda", dtype=torch.bfloat16)
     idx, valid, sel = select_chunks_fused(q, lmk, K, S)
     scores = retrieval_scores(q, lmk, S)
-    ref_idx, ref_valid = select_chunks(scores, K, S)
+    ref_idx, ref_valid = select_chunks(scores, K)
     assert torch.equal(valid, ref_valid)
     agree = (idx[..., :, None] == ref_idx[..., None, :]).any(-1)[valid].float().mean().item()
     assert agree > 0.995  # bf16 inputs: only near-ties may swap

@@ -50,7 +50,7 @@ def naive_hsa(q_slc, lmk, q, k, v, S, top_k, fusion, recency=None):
 
 def vectorised_hsa(q_slc, lmk, q, k, v, S, top_k, fusion, recency=None):
     scores = retrieval_scores(q_slc, lmk, S)
-    idx, valid = select_chunks(scores, top_k, S)
+    idx, valid = select_chunks(scores, top_k)
     w = fusion_weights(scores, idx, valid, fusion, recency)
     if fusion == "joint":
         return joint_chunk_attention_reference(q, k, v, valid, idx, S)
@@ -115,7 +115,7 @@ def test_recency_bias_matches_naive_loop():
 def test_selection_rule_visibility_padding_and_recency_order():
     S, T, C = 4, 14, 4
     scores = retrieval_scores(torch.randn(1, T, 1, 3, dtype=torch.float64), torch.randn(1, C, 1, 3, dtype=torch.float64), S)
-    idx, valid = select_chunks(scores, 3, S)
+    idx, valid = select_chunks(scores, 3)
     for t in range(T):
         n_vis = t // S
         assert valid[0, t, 0].tolist() == [j < n_vis for j in range(3)]
@@ -132,8 +132,8 @@ def test_selection_noise_changes_choice_but_weights_use_clean_scores():
     S, T = 4, 40
     scores = retrieval_scores(torch.randn(1, T, 1, 3, dtype=torch.float64), torch.randn(1, 10, 1, 3, dtype=torch.float64), S)
     noise = -torch.log(torch.empty_like(scores).exponential_()) * 10
-    idx_clean, _ = select_chunks(scores, 2, S)
-    idx_noisy, valid = select_chunks(scores, 2, S, noise)
+    idx_clean, _ = select_chunks(scores, 2)
+    idx_noisy, valid = select_chunks(scores, 2, noise)
     assert not torch.equal(idx_clean, idx_noisy)
     w = fusion_weights(scores, idx_noisy, valid)
     chosen = torch.gather(scores, -1, idx_noisy)

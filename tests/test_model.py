@@ -66,8 +66,8 @@ def test_retrieval_learns_only_through_the_fusion_weights(monkeypatch):
         if detach_weights:
             original = Retrieval.forward
 
-            def detached(self, x, landmarks):
-                sel = original(self, x, landmarks)
+            def detached(self, x, landmarks, doc_start=None):
+                sel = original(self, x, landmarks, doc_start)
                 sel.weights = sel.weights.detach()
                 return sel
 
@@ -126,3 +126,32 @@ def test_every_param_owning_module_resets_and_meta_build_materialises(layout):
             assert abs(a.std().item() - b.std().item()) < 0.25 * a.std().item(), name
     x = torch.randint(0, 64, (1, 24))
     assert torch.isfinite(meta(x)).all()
+
+
+@pytest.mark.parametrize("attention", ["HSAReference", "Flash", "HSATriton"])
+def test_masked_documents_do_not_see_each_other(attention):
+    """With doc_start, a document packed after another (chunk-aligned) gives the logits it gives alone,
+    and whatever precedes a document (any length) never changes its logits."""
+    from hsa_lightning.lit.streaming_datamodule import document_starts
+
+    dtype = torch.float32 if attention == "HSATriton" else torch.float64
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    model = build_model(attention, ("UltraLong", {"groups": 2}), dtype=dtype, chunk_size=16, top_k=2, window=12,
+                        head_dim=16, retrieval_dim=16)
+    SEP = 63
+    doc = torch.randint(0, 63, (1, 57))
+    for first_len in (32, 21):  # 32: doc aligned to chunk starts, so it equals doc alone
+        first = torch.randint(0, 63, (1, first_len))
+        first[0, -1] = SEP
+        packed = torch.cat([first, doc], 1)
+        starts = document_starts(packed, SEP)
+        assert starts[0, first_len:].eq(first_len).all() and starts[0, :first_len].eq(0).all()
+        out = model(packed, starts)[:, first_len:]
+        other = torch.randint(0, 63, (1, first_len))
+        other[0, -1] = SEP
+        assert torch.equal(document_starts(torch.cat([other, doc], 1), SEP), starts)
+        torch.testing.assert_close(model(torch.cat([other, doc], 1), starts)[:, first_len:], out, **tol)
+        if first_len == 32:  # RoPE tables are float32, so shifted positions agree to ~1e-8 only
+            torch.testing.assert_close(model(doc), out, rtol=1e-4, atol=1e-6)
+    unmasked = model(packed)[:, first_len:]  # without the mask the first document does leak in
+    assert not torch.allclose(unmasked, out, **tol)

@@ -171,19 +171,34 @@ def test_bad_configuration_errors(tmp_path):
     assert bpe.vocab_size == 300
 
 
+def test_document_starts_follow_separators(tmp_path):
+    folder = corpus(tmp_path, "c", prose(30), block_len=128)
+    dm = StreamingDataModule(train=str(folder), seq_len=64, tokens_per_batch=256, synthetic_share=0,
+                             num_workers=0, mask_documents=True)
+    for _, batch, _ in epoch(dm):
+        for ids, starts in zip(batch["input_ids"].tolist(), batch["doc_start"].tolist()):
+            expected, start = [], 0
+            for t in range(len(ids)):
+                if t and ids[t - 1] == TOK.doc_sep:
+                    start = t
+                expected.append(start)
+            assert starts == expected
+
+
 def test_model_trains_on_shards_and_checks_them(tmp_path):
     from hsa_lightning.lit.module import HSALitModule
+    from hsa_lightning.model.attention_backend import AttentionBackend
 
     folder = corpus(tmp_path, "c", prose(40), block_len=128)
     val = corpus(tmp_path, "v", prose(8, seed=1), block_len=128)
     config = dict(vocab_size=258, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, hsa_kv_heads=1,
                   chunk_size=16, top_k=2, window=32)
 
-    def fit(seq_len: int, **model_overrides) -> L.Trainer:
+    def fit(seq_len: int, mask_documents=False, attention="HSAReference", **model_overrides) -> L.Trainer:
         dm = StreamingDataModule(train=str(folder), val=str(val), seq_len=seq_len, tokens_per_batch=256,
-                                 synthetic_share=0, num_workers=0)
-        module = HSALitModule(config={**config, **model_overrides}, layout={"class_path": "UltraLong",
-                                                                            "init_args": {"groups": 1}})
+                                 synthetic_share=0, num_workers=0, mask_documents=mask_documents)
+        module = HSALitModule(config={**config, **model_overrides}, attention=attention,
+                              layout={"class_path": "UltraLong", "init_args": {"groups": 1}})
         trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=2, val_check_interval=3,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, default_root_dir=tmp_path)
@@ -192,6 +207,17 @@ def test_model_trains_on_shards_and_checks_them(tmp_path):
 
     trainer = fit(64)
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
+    masked = fit(64, mask_documents=True)
+    assert torch.isfinite(masked.callback_metrics["val/loss"])
+    assert masked.callback_metrics["val/loss"] != trainer.callback_metrics["val/loss"]
+
+    class NoMask(AttentionBackend):
+        def memory_attention(self, q, memory, selection):
+            return torch.zeros_like(q)
+
+    with pytest.raises(ConfigError, match=r"data mask_documents=true needs an attention backend that masks "
+                                          r"documents; NoMask does not"):
+        fit(64, mask_documents=True, attention=NoMask())
     with pytest.raises(ConfigError, match=r"data seq_len=32 is not a multiple of model config.chunk_size=64"):
         fit(32, chunk_size=64, window=64)
     with pytest.raises(ConfigError, match=r"vocab_size=258 but model config.vocab_size=200"):

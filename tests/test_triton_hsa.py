@@ -24,7 +24,7 @@ def selection(kind, B, T, Hkv, C, S, K, g):
     if kind == "retrieval":  # the model's rule: visibility, clipping, padding slots, recency order
         q_slc, lmk = torch.randn(B, T, Hkv, 8, generator=g), torch.randn(B, C, Hkv, 8, generator=g)
         scores = retrieval_scores(q_slc, lmk, S)
-        idx, valid = select_chunks(scores, K, S)
+        idx, valid = select_chunks(scores, K)
         return idx, fusion_weights(scores, idx, valid)
     if kind == "one_chunk":  # every query picks chunk 1 (and padding chunk 0 with weight 0)
         idx = torch.zeros(B, T, Hkv, K, dtype=torch.long)

@@ -21,7 +21,7 @@ def test_fused_selection_equals_reference_with_gradients(B, T, H, DR, S, K):
     lmk = torch.randn(B, C, H, DR, generator=g, requires_grad=True)
     idx, valid, sel = select_chunks_fused(q, lmk, K, S)
     scores = retrieval_scores(q, lmk, S)
-    ref_idx, ref_valid = select_chunks(scores, K, S)
+    ref_idx, ref_valid = select_chunks(scores, K)
     assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
     ref_sel = torch.gather(scores, -1, ref_idx)
     torch.testing.assert_close(sel[valid], ref_sel[valid], rtol=1e-5, atol=1e-5)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hsa_lightning.data.corpus import sha256_file
-from hsa_lightning.data.shards import _replace
+from hsa_lightning.data.shards import replace_folder
 from hsa_lightning.errors import ConfigError
 
 
@@ -330,7 +330,7 @@ def build_demo_corpus(output: Path, overwrite: bool = False, cache: Path | None 
             "licences": LICENCES,
         }
         (partial / "SOURCES.json").write_text(json.dumps(sources, indent=1))
-        _replace(partial, output)
+        replace_folder(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

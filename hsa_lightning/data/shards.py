@@ -111,7 +111,7 @@ def write_shards(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _replace(partial, output)
+        replace_folder(partial, output)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -122,7 +122,7 @@ def write_shards(
     return manifest
 
 
-def _replace(partial: Path, output: Path) -> None:
+def replace_folder(partial: Path, output: Path) -> None:
     """Move the finished folder into place; an existing one is removed only after the move."""
     if not output.exists():
         partial.rename(output)

@@ -95,6 +95,11 @@ class HSALitModule(L.LightningModule):
                 f"the data's tokenizer has vocab_size={vocab} but model config.vocab_size="
                 f"{self.config.vocab_size}; the embedding must cover every token id"
             )
+        if getattr(dm, "mask_documents", False) and not self.attention.masks_documents:
+            raise ConfigError(
+                f"data mask_documents=true needs an attention backend that masks documents; "
+                f"{type(self.attention).__name__} does not (HSAReference, HSATriton and Flash do)"
+            )
         seq_len = getattr(dm, "seq_len", None)
         if seq_len is not None and seq_len % self.config.chunk_size:
             raise ConfigError(
@@ -107,7 +112,7 @@ class HSALitModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        nll, n = self.model.loss(batch["input_ids"], batch["labels"])
+        nll, n = self.model.loss(batch["input_ids"], batch["labels"], batch.get("doc_start"))
         loss = nll / n.clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -119,7 +124,7 @@ class HSALitModule(L.LightningModule):
         self._eval_step("test", batch)
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
-        nll, n = self.model.loss(batch["input_ids"], batch["labels"])
+        nll, n = self.model.loss(batch["input_ids"], batch["labels"], batch.get("doc_start"))
         self._metric(stage).update(nll / n.clamp_min(1), weight=n)
 
     def _metric(self, stage: str) -> MeanMetric:

@@ -5,7 +5,9 @@ is ``tokens_per_batch // block_len`` blocks, cut into sequences of the current `
 divide ``block_len``), so the number of tokens per step stays constant when a curriculum changes the
 sequence length. Several streams mix with proportions (over blocks, hence over tokens). A share of
 the sequences is replaced by synthetic retrieval tasks (RULER format, needles in the sequence's own
-text), chosen by a seed and the block's id, so it is the same after a resume.
+text), chosen by a seed and the block's id, so it is the same after a resume. With
+``mask_documents`` each batch also carries ``doc_start`` (the first position of every token's
+document) and attention and retrieval stay inside documents.
 
 Resume: the loader reports as its state the blocks the *trainer consumed* (counted when a batch is
 transferred), not the ones the prefetching loader already yielded, so a mid-epoch checkpoint resumes
@@ -51,6 +53,7 @@ class StreamingDataModule(L.LightningDataModule):
         tokenizer: str = "byte",
         synthetic_share: float = 0.01,
         synthetic_tasks: Sequence[str] = ("s_niah", "mq_niah", "vt"),
+        mask_documents: bool = False,
         shuffle: bool = True,
         seed: int = 0,
         num_workers: int = 2,
@@ -64,6 +67,7 @@ class StreamingDataModule(L.LightningDataModule):
             tokenizer: ``byte`` or a ``tokenizer.json``; must be the one the shards were written with.
             synthetic_share: share of training sequences replaced by a synthetic retrieval task.
             synthetic_tasks: which tasks (``s_niah``, ``mq_niah``, ``vt``), drawn uniformly.
+            mask_documents: keep attention and retrieval inside documents (batches carry ``doc_start``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -85,6 +89,7 @@ class StreamingDataModule(L.LightningDataModule):
         self.vocab_size = self.tokenizer.vocab_size
         self.tokens_per_batch, self.synthetic_share = tokens_per_batch, synthetic_share
         self.synthetic_tasks = list(synthetic_tasks)
+        self.mask_documents = mask_documents
         self.block_len: Optional[int] = None
         self._seq_len = seq_len
         self._train_loader = None
@@ -203,7 +208,10 @@ class StreamingDataModule(L.LightningDataModule):
                                    self.hparams.seed)
         labels = seqs[:, 1:].clone()
         labels[labels == self.tokenizer.pad] = -100
-        return {"input_ids": seqs[:, :-1].contiguous(), "labels": labels}
+        batch = {"input_ids": seqs[:, :-1].contiguous(), "labels": labels}
+        if self.mask_documents:
+            batch["doc_start"] = document_starts(batch["input_ids"], self.tokenizer.doc_sep)
+        return batch
 
 
 # -- pieces, module level so tests use them directly ---------------------------------------------
@@ -217,6 +225,16 @@ def cut_blocks(tokens: torch.Tensor, sample_ids: torch.Tensor, seq_len: int) -> 
     seqs = tokens[:, cols].reshape(n * per, seq_len + 1)
     piece_ids = torch.stack([sample_ids.repeat_interleave(per), torch.arange(per).repeat(n)], dim=1)
     return seqs, piece_ids
+
+
+def document_starts(input_ids: torch.Tensor, doc_sep: int) -> torch.Tensor:
+    """(B, T) first position of each token's document: 0, or just after the last separator before it
+    (a separator belongs to the document it ends)."""
+    T = input_ids.shape[1]
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 1:] = input_ids[:, :-1] == doc_sep
+    positions = torch.arange(T, device=input_ids.device).expand_as(input_ids)
+    return torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
 
 
 def inject_tasks(seqs: torch.Tensor, piece_ids: torch.Tensor, tokenizer, share: float, tasks: Sequence[str],

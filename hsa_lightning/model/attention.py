@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hsa_lightning.model.attention_backend import AttentionBackend
+from hsa_lightning.model.attention_backend import AttentionBackend, with_doc_start
 from hsa_lightning.model.layers import Linear, RMSNorm
 from hsa_lightning.model.position import PositionEncoding
 
@@ -41,14 +41,14 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = self.position.rotate(q, positions), self.position.rotate(k, positions)
         if self.causal:
-            o = self.backend.local_attention(q, k, v, self.window)
+            o = self.backend.local_attention(q, k, v, self.window, **with_doc_start(doc_start))
         else:  # the chunk encoder: a handful of tokens, every one sees every other
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -6,6 +6,10 @@ tensors. It computes two things:
   ``memory_attention``  what an HSA block's query reads from the shared chunk memory
 Backends declare their capabilities as class attributes; the model checks them when it is
 configured, never at the first forward.
+
+Document masking (``masks_documents``): ``doc_start`` (B, T) holds the first position of each token's
+document; attention and retrieval then never cross a document boundary. It is passed only when the
+data asks for it, so backends without the capability keep the plain signatures.
 """
 from __future__ import annotations
 
@@ -59,6 +63,8 @@ class AttentionBackend:
     fusions: ClassVar[frozenset[str]] = frozenset(FUSIONS)
     #: extra names it can be selected by
     aliases: ClassVar[tuple[str, ...]] = ()
+    #: whether its methods take ``doc_start`` (document masking)
+    masks_documents: ClassVar[bool] = False
 
     # -- capabilities --------------------------------------------------------------------------
     def check_static(self, config: ModelConfig) -> None:
@@ -89,17 +95,23 @@ class AttentionBackend:
 
     # -- compute -------------------------------------------------------------------------------
     def local_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+        doc_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention, (B, T, H, D) x (B, T, Hkv, D) -> (B, T, H, D).
 
         Token t sees keys t-window+1 .. t (``window`` keys including itself), or all of 0..t when
-        ``window`` is None. This default is exact everywhere; backends override it with faster kernels.
+        ``window`` is None; with ``doc_start`` only keys of its own document. This default is exact
+        everywhere; backends override it with faster kernels.
         """
         T = q.shape[1]
         qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
         gqa = qh.shape[1] != kh.shape[1]
-        if window is None or window >= T:
+        if doc_start is not None:
+            mask = sliding_window_mask(T, T if window is None else window, q.device)
+            mask = mask[None] & (torch.arange(T, device=q.device)[None, None, :] >= doc_start[:, :, None])
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask[:, None], enable_gqa=gqa)
+        elif window is None or window >= T:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
         else:
             mask = sliding_window_mask(T, window, q.device)
@@ -107,24 +119,32 @@ class AttentionBackend:
         return out.transpose(1, 2)
 
     def select(
-        self, q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int, gumbel: bool
+        self, q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int, gumbel: bool,
+        doc_start: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Retrieval: (indices, valid, selected scores), each (B, T, Hkv, K), slots most recent first.
 
         Scores are <q_slc, landmark> / sqrt(Dr) over visible chunks; ``gumbel`` perturbs the choice
         only (the returned scores are clean). This default is the reference; backends may fuse it.
         """
-        scores = retrieval_scores(q_slc, landmarks, chunk_size)
+        scores = retrieval_scores(q_slc, landmarks, chunk_size, doc_start)
         noise = -torch.log(torch.empty_like(scores).exponential_()) if gumbel else None
-        indices, valid = select_chunks(scores, top_k, chunk_size, noise)
+        indices, valid = select_chunks(scores, top_k, noise)
         return indices, valid, torch.gather(scores, -1, indices)
 
     def memory_attention(
-        self, q: torch.Tensor, memory: ChunkMemory, selection: Selection | None
+        self, q: torch.Tensor, memory: ChunkMemory, selection: Selection | None,
+        doc_start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What HSA queries (B, T, H, D) read from ``memory``; ``selection`` is None when
-        ``needs_retrieval`` is False. Must return zeros for tokens that see no complete chunk."""
+        ``needs_retrieval`` is False (``doc_start`` then matters). Must return zeros for tokens that
+        see no complete chunk."""
         raise NotImplementedError
+
+
+def with_doc_start(doc_start: torch.Tensor | None) -> dict:
+    """Keyword arguments for a backend call: ``doc_start`` only when documents are masked."""
+    return {} if doc_start is None else {"doc_start": doc_start}
 
 
 def prefer_fused_sdpa(q: torch.Tensor):

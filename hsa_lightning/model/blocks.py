@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hsa_lightning.model.attention import SelfAttention
-from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory
+from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, with_doc_start
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.ffn import FFN
 from hsa_lightning.model.layers import Linear, RMSNorm
@@ -32,8 +32,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.mlp = ffn.build(d, layer_index, cfg.init_std, _out_std(cfg))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, doc_start)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -63,12 +63,14 @@ class HSABlock(nn.Module):
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.mlp = ffn.build(d, layer_index, cfg.init_std, _out_std(cfg))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, memory: ChunkMemory) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, memory: ChunkMemory,
+                doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        selection = self.retrieval(x, memory.landmarks) if self.backend.needs_retrieval else None
-        x1 = x + self.swa(self.swa_norm(x), positions)
+        selection = self.retrieval(x, memory.landmarks, doc_start) if self.backend.needs_retrieval else None
+        x1 = x + self.swa(self.swa_norm(x), positions, doc_start)
         q = self.q_norm(self.q_proj(self.hsa_norm(x1)).view(B, T, self.n_heads, self.head_dim))
-        a = self.o_proj(self.backend.memory_attention(q, memory, selection).reshape(B, T, -1))
+        o = self.backend.memory_attention(q, memory, selection, **with_doc_start(doc_start))
+        a = self.o_proj(o.reshape(B, T, -1))
         if self.bypass:
             return x1 + self.mlp(self.mlp_norm(x1 + a))
         h = x1 + a

@@ -40,24 +40,26 @@ class HSALM(nn.Module):
                 self.blocks.append(Block(config, window, position, attention, ffn, i))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, d) final-normed hidden states; any T >= 1."""
+    def hidden_states(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) final-normed hidden states; any T >= 1. ``doc_start`` (B, T), the
+        first position of each token's document, keeps attention and retrieval inside documents."""
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embed(input_ids)
         memory = None
         for i, block in enumerate(self.blocks):
             if i == self.encoder_at:
                 memory = self.encoder(x)
-            x = block(x, positions, memory) if isinstance(block, HSABlock) else block(x, positions)
+            x = block(x, positions, memory, doc_start) if isinstance(block, HSABlock) else block(x, positions, doc_start)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V). For training use ``loss``, which never holds all logits at once."""
-        return self.hidden_states(input_ids) @ self.embed.weight.t()
+        return self.hidden_states(input_ids, doc_start) @ self.embed.weight.t()
 
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+             doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token NLLs, number of scored tokens); ``labels`` -100 are not scored."""
-        h = self.hidden_states(input_ids)
+        h = self.hidden_states(input_ids, doc_start)
         return chunked_cross_entropy(h, self.embed.weight, labels, self.config.loss_chunk_tokens)
 
     def num_parameters(self) -> int:

@@ -1,7 +1,8 @@
 """Reference retrieval: landmark scores, the visibility rule, top-k selection and fusion weights.
 
 Chunk i is visible to token t iff (i+1) * S <= t: complete and strictly in the past. The token's
-own chunk is covered by SWA only. Shapes: q_slc (B, T, Hkv, Dr); landmarks (B, C, Hkv, Dr);
+own chunk is covered by SWA only. With document masking (``doc_start``, (B, T): the first position of
+each token's document) a chunk must also start at or after that position. Shapes: q_slc (B, T, Hkv, Dr); landmarks (B, C, Hkv, Dr);
 scores (B, T, Hkv, C). This materialises the [T, C] score matrix; the fused Triton op must not.
 """
 from __future__ import annotations
@@ -12,37 +13,42 @@ import torch
 import torch.nn.functional as F
 
 
-def visible_chunks(T: int, C: int, chunk_size: int, device: torch.device) -> torch.Tensor:
-    """(T, C) bool: chunk i visible to token t iff (i + 1) * chunk_size <= t."""
+def visible_chunks(T: int, C: int, chunk_size: int, device: torch.device,
+                   doc_start: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, C) bool: chunk i visible to token t iff (i + 1) * chunk_size <= t; with ``doc_start``
+    (B, T, C) and also i * chunk_size >= doc_start[b, t]."""
     t = torch.arange(T, device=device)[:, None]
     i = torch.arange(C, device=device)[None, :]
-    return (i + 1) * chunk_size <= t
+    visible = (i + 1) * chunk_size <= t
+    if doc_start is None:
+        return visible
+    return visible[None] & (i[None] * chunk_size >= doc_start[:, :, None])
 
 
-def retrieval_scores(q_slc: torch.Tensor, landmarks: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def retrieval_scores(q_slc: torch.Tensor, landmarks: torch.Tensor, chunk_size: int,
+                     doc_start: torch.Tensor | None = None) -> torch.Tensor:
     """s[t, i] = <q_slc[t], lmk[i]> / sqrt(Dr) in float32 (float64 stays), -inf where not visible."""
     dtype = torch.float64 if q_slc.dtype == torch.float64 else torch.float32
     s = torch.einsum("bthd,bchd->bthc", q_slc.to(dtype), landmarks.to(dtype)) / math.sqrt(q_slc.shape[-1])
-    mask = visible_chunks(q_slc.shape[1], landmarks.shape[1], chunk_size, q_slc.device)
-    return s.masked_fill(~mask[None, :, None, :], float("-inf"))
+    mask = visible_chunks(q_slc.shape[1], landmarks.shape[1], chunk_size, q_slc.device, doc_start)
+    mask = mask[None, :, None, :] if doc_start is None else mask[:, :, None, :]
+    return s.masked_fill(~mask, float("-inf"))
 
 
 def select_chunks(
-    scores: torch.Tensor, top_k: int, chunk_size: int, noise: torch.Tensor | None = None
+    scores: torch.Tensor, top_k: int, noise: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k visible chunks per (token, head), most recent first.
 
     Returns ``indices`` (B, T, Hkv, K) int64 with K = min(top_k, C) and ``valid`` (same shape, bool).
-    Token t has t // S visible chunks, so slot j is valid iff j < t // S; invalid slots carry index 0.
+    Slot j is valid iff it holds a visible (finite-score) chunk; invalid slots carry index 0.
     ``noise`` (same shape as scores, e.g. Gumbel) perturbs the choice only, never the weights.
     """
-    B, T, Hkv, C = scores.shape
-    K = min(top_k, C)
+    K = min(top_k, scores.shape[-1])
     ranked = scores if noise is None else scores + noise
     top = torch.topk(ranked, K, dim=-1).indices  # sorted by score: visible (finite) scores come first
-    n_visible = torch.arange(T, device=scores.device) // chunk_size
-    valid = torch.arange(K, device=scores.device)[None, :] < n_visible[:, None]  # (T, K)
-    top = torch.where(valid[None, :, None, :], top, torch.full_like(top, -1))
+    valid = torch.isfinite(torch.gather(scores, -1, top))
+    top = torch.where(valid, top, torch.full_like(top, -1))
     top = torch.sort(top, dim=-1, descending=True).values  # most recent first, invalid (-1) last
     valid = top >= 0
     return top.clamp_min(0), valid

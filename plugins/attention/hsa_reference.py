@@ -11,8 +11,11 @@ class HSAReference(AttentionBackend):
     """Sparse chunk attention through ``kernels/hsa/naive.py``: slow, exact, float64-capable."""
 
     aliases = ("reference",)
+    masks_documents = True  # the default local attention and retrieval take doc_start
 
-    def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection) -> torch.Tensor:
+    def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection,
+                         doc_start: torch.Tensor | None = None) -> torch.Tensor:
+        # documents are already respected: the selection holds no chunk of another document
         if selection.joint:
             return joint_chunk_attention_reference(
                 q, memory.k, memory.v, selection.weights > 0, selection.indices, memory.chunk_size

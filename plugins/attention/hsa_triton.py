@@ -3,8 +3,10 @@
 
 Drop-in for HSAReference (same model, same parameters, bf16-level agreement). Sliding-window layers use
 FlexAttention with a sliding-window block mask on GPU (exact, block-sparse); full layers use
-``scaled_dot_product_attention`` preferring cuDNN / flash. On CPU it runs only under the Triton
-interpreter (``TRITON_INTERPRET=1``), which is how CI checks it.
+``scaled_dot_product_attention`` preferring cuDNN / flash. With document masking, local attention
+and retrieval take the exact masked reference paths (slower: the fused kernels have no document
+bound yet). On CPU it runs only under the Triton interpreter (``TRITON_INTERPRET=1``), which is how
+CI checks it.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class HSATriton(AttentionBackend):
     devices = frozenset({"cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
     fusions = frozenset({"softmax", "stick_breaking"})
+    masks_documents = True
 
     def check_runtime(self, device: torch.device, dtype: torch.dtype) -> None:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -38,21 +41,22 @@ class HSATriton(AttentionBackend):
                 raise PluginError(f"attention backend HSATriton needs {field} to be a power of two >= 16, got {field}={value}")
 
     def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        window: Optional[int]) -> torch.Tensor:
-        if q.is_cuda and window is not None and window < q.shape[1]:
+                        window: Optional[int], doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if doc_start is None and q.is_cuda and window is not None and window < q.shape[1]:
             return _flex_sliding_window(q, k, v, window)
         with prefer_fused_sdpa(q):
-            return super().local_attention(q, k, v, window)
+            return super().local_attention(q, k, v, window, doc_start)
 
-    def select(self, q_slc, landmarks, top_k, chunk_size, gumbel):
+    def select(self, q_slc, landmarks, top_k, chunk_size, gumbel, doc_start=None):
         dr = q_slc.shape[-1]
-        if gumbel or dr < 16 or dr & (dr - 1):  # noise and odd widths take the reference path
-            return super().select(q_slc, landmarks, top_k, chunk_size, gumbel)
+        if gumbel or doc_start is not None or dr < 16 or dr & (dr - 1):  # these take the reference path
+            return super().select(q_slc, landmarks, top_k, chunk_size, gumbel, doc_start)
         from hsa_lightning.kernels.retrieval.parallel import select_chunks_fused
 
         return select_chunks_fused(q_slc, landmarks, top_k, chunk_size)
 
-    def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection) -> torch.Tensor:
+    def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection,
+                         doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         from hsa_lightning.kernels.hsa.parallel import hsa_attention
 
         if selection.joint:
