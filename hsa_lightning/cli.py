@@ -9,7 +9,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from hsa_lightning.errors import ConfigError, PluginError
 from hsa_lightning.lit.module import HSALitModule
-from hsa_lightning.lit.synthetic_datamodule import SyntheticDataModule  # noqa: F401  (found by short name)
+from hsa_lightning.lit.streaming_datamodule import StreamingDataModule  # noqa: F401  (found by short name)
+from hsa_lightning.lit.synthetic_datamodule import SyntheticDataModule  # noqa: F401
 from hsa_lightning.registry import load_plugins
 
 

@@ -61,3 +61,15 @@ def test_installed_third_party_plugin_trains_by_short_name(tmp_path):
     missing = run_cli(["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--model.attention", "ToyAttention"],
                       tmp_path)
     assert missing.returncode == 2 and "unknown attention plugin 'ToyAttention'" in missing.stderr
+
+
+@pytest.mark.slow
+def test_demo_gpu_config_resolves(tmp_path):
+    res = run_cli(["fit", "--config", str(ROOT / "configs/demo_gpu.yaml"), "--print_config"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = yaml.safe_load(res.stdout)
+    data = cfg["data"]
+    assert data["class_path"].endswith("StreamingDataModule")
+    assert data["init_args"]["train"] == "data/demo/shards/train"
+    assert data["init_args"]["tokens_per_batch"] % data["init_args"]["seq_len"] == 0
+    assert cfg["model"]["config"]["vocab_size"] == 16384 and cfg["trainer"]["precision"] == "bf16-mixed"

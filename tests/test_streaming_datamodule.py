@@ -222,3 +222,52 @@ def test_model_trains_on_shards_and_checks_them(tmp_path):
         fit(32, chunk_size=64, window=64)
     with pytest.raises(ConfigError, match=r"vocab_size=258 but model config.vocab_size=200"):
         fit(64, vocab_size=200)
+
+
+def test_remote_stream_is_cached_locally(tmp_path):
+    remote = corpus(tmp_path, "remote", prose(30), block_len=128)  # a folder works as streaming's remote
+    dm = StreamingDataModule(train=[{"local": str(tmp_path / "cache"), "remote": str(remote)}], seq_len=64,
+                             tokens_per_batch=256, synthetic_share=0, num_workers=0)
+    seen = sum(raw["tokens"].shape[0] for raw, _, _ in epoch(dm))
+    blocks = json.loads((remote / "manifest.json").read_text())["samples"]
+    assert seen == blocks - blocks % 2  # whole batches of 2 blocks
+    assert {p.name for p in (tmp_path / "cache").iterdir()} >= {"manifest.json", "index.json", "shard.00000.mds"}
+    bad = StreamingDataModule(train=[{"local": str(tmp_path / "c2"), "remote": str(tmp_path / "none")}],
+                              seq_len=64, tokens_per_batch=256, synthetic_share=0)
+    with pytest.raises(ConfigError, match=r"cannot fetch manifest\.json of remote stream '.*none'"):
+        bad.setup("fit")
+
+
+def test_stale_shared_memory_is_removed_only_for_our_folders(tmp_path):
+    from streaming.base.constant import BARRIER, LOCALS
+    from streaming.base.shared import SharedMemory
+    from streaming.base.shared.prefix import _get_path, _pack_locals
+
+    from hsa_lightning.lit.streaming_datamodule import _remove_stale_shared_memory
+
+    def exists(name):
+        try:
+            SharedMemory(name, False, auto_cleanup=False).shm.close()
+            return True
+        except FileNotFoundError:
+            return False
+
+    free = next(p for p in range(1000) if not exists(_get_path(p, LOCALS)))
+    ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
+    made = []
+    for prefix, dirs in ((free, [ours]), (free + 1, [theirs])):
+        data = _pack_locals(dirs, prefix)
+        shm = SharedMemory(_get_path(prefix, LOCALS), True, len(data), auto_cleanup=False)
+        shm.buf[: len(data)] = data
+        made.append(shm)
+        made.append(SharedMemory(_get_path(prefix, BARRIER), True, 8, auto_cleanup=False))
+    try:
+        _remove_stale_shared_memory([ours])
+        assert not exists(_get_path(free, LOCALS)) and not exists(_get_path(free, BARRIER))
+        assert exists(_get_path(free + 1, LOCALS)) and exists(_get_path(free + 1, BARRIER))  # another job's
+    finally:
+        for shm in made:
+            try:
+                shm.shm.unlink()
+            except FileNotFoundError:
+                pass

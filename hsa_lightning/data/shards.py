@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -77,18 +77,18 @@ def write_shards(
                        disable=not progress, file=sys.stderr)
             for source, path in zip(sources, files):
                 docs = tokens = shown = 0
-                for text in read_documents(path, text_field):
-                    ids = tokenizer.encode(text)
-                    buffer += ids
-                    buffer.append(tokenizer.doc_sep)
-                    docs, tokens = docs + 1, tokens + len(ids) + 1
-                    while len(buffer) >= block_len + 1:
-                        emit(buffer[: block_len + 1])
-                        del buffer[:block_len]  # the last token is the next sample's first input
-                    if path.suffix == ".jsonl":  # per document; exact per file below
-                        step = min(len(text.encode("utf-8", errors="replace")), source["bytes"] - shown)
-                        bar.update(step)
-                        shown += step
+                for texts in _batches(read_documents(path, text_field), 256):
+                    for text, ids in zip(texts, tokenizer.encode_batch(texts)):  # HF tokenizers use all cores
+                        buffer += ids
+                        buffer.append(tokenizer.doc_sep)
+                        docs, tokens = docs + 1, tokens + len(ids) + 1
+                        while len(buffer) >= block_len + 1:
+                            emit(buffer[: block_len + 1])
+                            del buffer[:block_len]  # the last token is the next sample's first input
+                        if path.suffix == ".jsonl":  # per document; exact per file below
+                            step = min(len(text.encode("utf-8", errors="replace")), source["bytes"] - shown)
+                            bar.update(step)
+                            shown += step
                 bar.update(source["bytes"] - shown)
                 bar.set_postfix(tokens=f"{counts['tokens'] + tokens:,}", docs=counts["documents"] + docs)
                 source.update(documents=docs, tokens=tokens)
@@ -120,6 +120,17 @@ def write_shards(
         print(f"wrote {counts['samples']:,} blocks of {block_len} tokens ({counts['tokens']:,} tokens, "
               f"{counts['documents']:,} documents) to {output} in {took:.1f} s", file=sys.stderr)
     return manifest
+
+
+def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def replace_folder(partial: Path, output: Path) -> None:

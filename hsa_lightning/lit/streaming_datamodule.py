@@ -131,12 +131,14 @@ class StreamingDataModule(L.LightningDataModule):
 
     def _manifest(self, stream: StreamSpec) -> dict:
         local = Path(stream.local)
-        if stream.remote is not None and not (local / MANIFEST).is_file():
-            from streaming.base.storage import download_file
+        if stream.remote is not None:  # the manifest travels beside streaming's index
+            from streaming.base.storage.download import CloudDownloader
 
-            local.mkdir(parents=True, exist_ok=True)
-            download_file(f"{stream.remote.rstrip('/')}/{MANIFEST}", str(local / MANIFEST), 60)
-            download_file(f"{stream.remote.rstrip('/')}/index.json", str(local / "index.json"), 60)
+            for name in (MANIFEST, "index.json"):
+                try:
+                    CloudDownloader.direct_download(f"{stream.remote.rstrip('/')}/{name}", str(local / name), 60)
+                except Exception as e:  # each storage client raises its own errors
+                    raise ConfigError(f"cannot fetch {name} of remote stream {stream.remote!r}: {e}") from e
         manifest = read_manifest(local)
         written = manifest["tokenizer"]
         if written["fingerprint"] != self.tokenizer.fingerprint:
