@@ -28,11 +28,11 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def build_model(attention="HSAReference", layout=("UltraLong", {"groups": 1}), seed=0, dtype=torch.float64,
-                **overrides) -> HSALM:
+                ffn=("SwiGLU", {}), **overrides) -> HSALM:
     name, args = layout if isinstance(layout, tuple) else (layout, {})
     torch.manual_seed(seed)
     model = HSALM(tiny_config(**overrides), plugin("attention", attention), plugin("layout", name, **args),
-                  plugin("position", "RoPE"), plugin("ffn", "SwiGLU"))
+                  plugin("position", "RoPE"), plugin("ffn", ffn[0], **ffn[1]))
     return model.to(dtype)
 
 

@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from hsa_lightning.errors import ConfigError
@@ -81,6 +82,8 @@ class HSALitModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         self.attention.check_runtime(device, self._compute_dtype())
         self.model = HSALM(self.config, self.attention, self.layout, self.position, self.ffn)
+        total, active = self.model.num_parameters(), self.model.num_parameters(active=True)
+        rank_zero_info(f"HSALM: {total / 1e6:,.1f}M parameters, {active / 1e6:,.1f}M active per token")
 
     def _compute_dtype(self) -> torch.dtype:
         if self._trainer is None:
@@ -115,7 +118,25 @@ class HSALitModule(L.LightningModule):
         nll, n = self.model.loss(batch["input_ids"], batch["labels"], batch.get("doc_start"))
         loss = nll / n.clamp_min(1)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        routed = self.model.routed_ffns()
+        for i, ffn in enumerate(routed):
+            aux = ffn.take_aux_loss()
+            if aux is not None:
+                self.log(f"moe/{i}/aux_loss", aux, on_step=True, on_epoch=False)
+                loss = loss + aux
+            for key, value in ffn.routing_stats().items():
+                self.log(f"moe/{i}/{key}", value, on_step=True, on_epoch=False)
         return loss
+
+    def on_train_start(self) -> None:
+        self._stepped_at = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # once per optimizer step (global_step moves only when the optimizer stepped)
+        if self.trainer.global_step != self._stepped_at:
+            self._stepped_at = self.trainer.global_step
+            for ffn in self.model.routed_ffns():
+                ffn.after_optimizer_step()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)

@@ -13,7 +13,7 @@ from hsa_lightning.model.attention_backend import AttentionBackend
 from hsa_lightning.model.blocks import Block, HSABlock
 from hsa_lightning.model.chunk_encoder import ChunkEncoder
 from hsa_lightning.model.config import ModelConfig
-from hsa_lightning.model.ffn import FFN
+from hsa_lightning.model.ffn import FFN, RoutedFFN
 from hsa_lightning.model.layers import Embedding, RMSNorm, chunked_cross_entropy
 from hsa_lightning.model.layout import ENCODER, HSA, SWA, LayerLayout, check_plan
 from hsa_lightning.model.position import PositionEncoding
@@ -62,5 +62,12 @@ class HSALM(nn.Module):
         h = self.hidden_states(input_ids, doc_start)
         return chunked_cross_entropy(h, self.embed.weight, labels, self.config.loss_chunk_tokens)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters, or (``active``) those one token uses: routed experts it skips are left out."""
+        total = sum(p.numel() for p in self.parameters())
+        if active:
+            total -= sum(m.inactive_parameters() for m in self.routed_ffns())
+        return total
+
+    def routed_ffns(self) -> list[RoutedFFN]:
+        return [m for m in self.modules() if isinstance(m, RoutedFFN)]

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hsa_lightning.errors import ConfigError
-from hsa_lightning.model.ffn import FFN
-from hsa_lightning.model.layers import Linear
+from hsa_lightning.model.ffn import FFN, SwiGLUMLP, default_hidden
 
 
 class SwiGLU(FFN):
@@ -22,16 +19,4 @@ class SwiGLU(FFN):
         self.hidden_size, self.multiple_of = hidden_size, multiple_of
 
     def build(self, d_model: int, layer_index: int, init_std: float, out_std: float) -> nn.Module:
-        hidden = self.hidden_size or -(-(8 * d_model // 3) // self.multiple_of) * self.multiple_of
-        return SwiGLUMLP(d_model, hidden, init_std, out_std)
-
-
-class SwiGLUMLP(nn.Module):
-    def __init__(self, d_model: int, hidden: int, std: float, out_std: float):
-        super().__init__()
-        self.gate = Linear(d_model, hidden, std)
-        self.up = Linear(d_model, hidden, std)
-        self.down = Linear(hidden, d_model, out_std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return SwiGLUMLP(d_model, self.hidden_size or default_hidden(d_model, self.multiple_of), init_std, out_std)

@@ -1,0 +1,48 @@
+"""Parameter counts of a config's model without allocating it: ``python -m hsa_lightning.params CONFIG``.
+
+Builds the model of the YAML's ``model:`` section on the meta device and prints total and active
+(per-token) parameters, so an 8B MoE config can be checked on a laptop.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import yaml
+
+from hsa_lightning.errors import ConfigError, PluginError
+
+
+def count(config_path: str) -> tuple[int, int]:
+    from hsa_lightning.lit.module import HSALitModule
+    from hsa_lightning.model.hsalm import HSALM
+    from hsa_lightning.registry import load_plugins
+
+    load_plugins()
+    with open(config_path) as f:
+        spec = (yaml.safe_load(f) or {}).get("model")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{config_path}: no 'model:' section")
+    m = HSALitModule(**spec)  # validates the config and builds the plugins
+    with torch.device("meta"):  # shapes only, no memory
+        model = HSALM(m.config, m.attention, m.layout, m.position, m.ffn)
+    return model.num_parameters(), model.num_parameters(active=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hsa_lightning.params", description=__doc__)
+    parser.add_argument("configs", nargs="+")
+    args = parser.parse_args(argv)
+    for path in args.configs:
+        try:
+            total, active = count(path)
+        except (ConfigError, PluginError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"{path}: {total:,} parameters ({total / 1e9:.2f}B), {active:,} active per token ({active / 1e9:.2f}B)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
