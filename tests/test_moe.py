@@ -203,3 +203,39 @@ def test_moe_model_trains_and_balances(tmp_path, monkeypatch):
     # each update saw the assignments of its 2 micro-batches: 2 x 2 sequences x 64 tokens x 2 experts
     assert loads == [2 * 2 * 64 * 2.0] * len(calls)
     assert {"moe/0/load_cv", "moe/0/load_max", "moe/0/load_min"} <= set(trainer.callback_metrics)
+
+
+def test_fsdp2_sharded_moe_matches_unsharded(tmp_path):
+    """Two gloo processes: experts sharded along the expert dimension give the same loss, gradients and
+    balancing update as one unsharded process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "tests/scripts/fsdp2_moe.py"), str(tmp_path / "out"), str(ROOT / "tests")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        result = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+        assert result["local_w_gate"] and all(shape[0] == 2 for shape in result["local_w_gate"])  # 4 experts / 2
+        assert result["loss_err"] < 1e-6 and result["grad_err"] < 1e-6 and result["expert_grad"] > 0
+        assert result["bias_equal"] and result["moved"]
+
+
+def test_paper_scale_config_is_8b_a1b_and_counts_without_allocating(capsys):
+    from conftest import ROOT
+    from hsa_lightning.params import count, main
+
+    total, active = count(str(ROOT / "configs/moe_8b_a1b.yaml"))  # meta device: no 33 GB of fp32
+    assert 7.5e9 < total < 8.5e9 and 0.9e9 < active < 1.2e9
+    small_total, small_active = count(str(ROOT / "configs/moe_demo_gpu.yaml"))
+    assert small_active < small_total / 3
+    assert main([str(ROOT / "configs/moe_8b_a1b.yaml")]) == 0
+    assert f"{total:,} parameters" in capsys.readouterr().out
+    assert main([str(ROOT / "configs/nothing.yaml")]) == 2
+    assert "error:" in capsys.readouterr().err
