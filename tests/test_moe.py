@@ -66,6 +66,17 @@ def test_capacity_drops_the_latest_assignments_of_full_experts():
     assert int(dropped) == sum(max(s - capacity, 0) for s in seen) > 0
     assert counts.max() == capacity
 
+    layer = moe_layer(capacity_factor=1.0).train()  # 8 experts, 2 active: capacity 2 * 40 / 8 = 10
+    with torch.no_grad():
+        layer.router[0] += 1.0  # expert 0 is everyone's first choice
+    x = torch.randn(40, 24).abs()
+    layer(x)
+    asked = torch.bincount(layer.route(x)[0].reshape(-1), minlength=8)
+    assert asked[0] == 40
+    stats = layer.routing_stats()
+    assert float(stats["dropped"]) == pytest.approx(float((asked - 10).clamp_min(0).sum()) / 80)
+    assert "dropped" not in moe_layer().routing_stats()
+
 
 def moe_layer(**spec) -> MoELayer:
     ffn = plugin("ffn", "MoE", **{"experts": 8, "active": 2, "expert_hidden": 16, **spec})
