@@ -73,6 +73,7 @@ class HSALitModule(L.LightningModule):
         self.attention.check_static(self.config)
         check_plan(self.layout.plan(self.config.n_layers), self.config.n_layers, type(self.layout).__name__)
         self.model: Optional[HSALM] = None
+        self.lr_scale = 1.0  # a curriculum stage's learning-rate multiplier
         self._metrics: dict[str, MeanMetric] = {}  # kept out of the module tree (meta init would corrupt them)
 
     # -- model ---------------------------------------------------------------------------------
@@ -179,11 +180,11 @@ class HSALitModule(L.LightningModule):
 
         def factor(step: int) -> float:
             if step < o.warmup_steps:
-                return (step + 1) / o.warmup_steps
+                return (step + 1) / o.warmup_steps * self.lr_scale
             if o.schedule == "constant":
-                return 1.0
+                return self.lr_scale
             progress = min((step - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
-            return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))) * self.lr_scale
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -33,6 +33,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.window, self.causal = window, causal
+        self.configured_window = window  # what a curriculum restores
         self.position, self.backend = position, backend
         self.q_proj = Linear(d_model, n_heads * head_dim, std)
         self.k_proj = Linear(d_model, n_kv_heads * head_dim, std)

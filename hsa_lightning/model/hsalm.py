@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hsa_lightning.model.attention import SelfAttention
 from hsa_lightning.model.attention_backend import AttentionBackend
 from hsa_lightning.model.blocks import Block, HSABlock
 from hsa_lightning.model.chunk_encoder import ChunkEncoder
@@ -17,6 +18,7 @@ from hsa_lightning.model.ffn import FFN, RoutedFFN
 from hsa_lightning.model.layers import Embedding, RMSNorm, chunked_cross_entropy
 from hsa_lightning.model.layout import ENCODER, HSA, SWA, LayerLayout, check_plan
 from hsa_lightning.model.position import PositionEncoding
+from hsa_lightning.model.retrieval import Retrieval
 
 
 class HSALM(nn.Module):
@@ -68,6 +70,20 @@ class HSALM(nn.Module):
         if active:
             total -= sum(m.inactive_parameters() for m in self.routed_ffns())
         return total
+
+    def set_window(self, window: int | None) -> None:
+        """Every sliding-window attention (SWA blocks and the HSA blocks' own SWA) now sees ``window``
+        keys; None restores the configured windows."""
+        for m in self.modules():
+            if isinstance(m, SelfAttention) and m.causal and m.configured_window is not None:
+                m.window = m.configured_window if window is None else window
+
+    def set_top_k(self, top_k: int | str | None) -> None:
+        """Chunks each token retrieves from now on: an int, ``"all"`` (every visible chunk) or None
+        (the configured ``top_k``)."""
+        for m in self.modules():
+            if isinstance(m, Retrieval):
+                m.top_k = self.config.top_k if top_k is None else None if top_k == "all" else top_k
 
     def routed_ffns(self) -> list[RoutedFFN]:
         return [m for m in self.modules() if isinstance(m, RoutedFFN)]

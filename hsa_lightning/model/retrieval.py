@@ -17,7 +17,8 @@ class Retrieval(nn.Module):
         super().__init__()
         self.backend = backend
         self.heads = cfg.hsa_kv_heads
-        self.top_k, self.chunk_size = cfg.top_k, cfg.chunk_size
+        self.top_k: int | None = cfg.top_k  # None: every visible chunk (a curriculum's dense warm-up)
+        self.chunk_size = cfg.chunk_size
         self.fusion, self.gumbel_noise = cfg.fusion, cfg.gumbel_noise
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.proj = Linear(cfg.d_model, cfg.resolved_retrieval_dim, cfg.init_std)
@@ -32,7 +33,8 @@ class Retrieval(nn.Module):
         B, T, _ = x.shape
         q = self.proj(self.norm(x)).view(B, T, self.heads, -1)
         gumbel = self.gumbel_noise and self.training
-        indices, valid, selected = self.backend.select(q, landmarks, self.top_k, self.chunk_size, gumbel,
+        top_k = landmarks.shape[1] if self.top_k is None else self.top_k
+        indices, valid, selected = self.backend.select(q, landmarks, top_k, self.chunk_size, gumbel,
                                                        **with_doc_start(doc_start))
         weights = weights_from_selected(selected, valid, self.fusion, self.recency)
         return Selection(indices=indices, weights=weights, joint=self.fusion == "joint")
