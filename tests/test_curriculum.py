@@ -122,3 +122,22 @@ def test_stage_needing_a_resizable_data_module(tmp_path):
     with pytest.raises(ConfigError, match=r"curriculum stage Stage sets seq_len or synthetic_share, but data "
                                           r"module SyntheticDataModule cannot change them"):
         trainer.fit(module, SyntheticDataModule(seq_len=64, batch_size=2))
+
+
+def test_a_stage_on_new_data_starts_from_the_previous_stage_weights(tmp_path, shards):
+    from hsa_lightning.lit.module import HSALitModule
+
+    _fit(tmp_path / "a", shards, [{"class_path": "Pretrain"}], steps=3, save_every=3)
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=0-step=3.ckpt"
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    config = dict(vocab_size=258, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, chunk_size=16, top_k=2, window=32)
+    layout = {"class_path": "UltraLong", "init_args": {"groups": 1}}
+    module = HSALitModule(config=config, layout=layout, init_weights=str(ckpt))
+    module.configure_model()
+    for name, value in module.model.state_dict().items():
+        assert torch.equal(value, saved[f"model.{name}"]), name
+    wrong = HSALitModule(config={**config, "d_model": 64}, layout=layout, init_weights=str(ckpt))
+    with pytest.raises(ConfigError, match=r"init_weights='.*' does not match this model"):
+        wrong.configure_model()
+    with pytest.raises(ConfigError, match=r"init_weights='.*nothing.ckpt' is not a readable Lightning checkpoint"):
+        HSALitModule(config=config, layout=layout, init_weights=str(tmp_path / "nothing.ckpt")).configure_model()

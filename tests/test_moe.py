@@ -29,8 +29,7 @@ def test_grouped_experts_match_the_per_token_loop(E, k, grouped_mm, monkeypatch)
     N, d, h = 37, 16, 24
     x = torch.randn(N, d)
     indices, weights = random_routing(N, E, k)
-    if E > 4:
-        indices = indices % (E - 2)  # two experts get no token at all
+    if E > 4:  # two experts get no token at all
         indices = torch.stack([torch.randperm(E - 2)[:k] for _ in range(N)])
     ws = expert_weights(E, d, h)
     leaves = [t.clone().requires_grad_() for t in (x, weights, *ws)]
@@ -64,7 +63,7 @@ def test_capacity_drops_the_latest_assignments_of_full_experts():
                 kept[n, j] = 0
     torch.testing.assert_close(out, routed_experts_reference(x, indices, kept, *ws), rtol=1e-5, atol=1e-5)
     assert int(dropped) == sum(max(s - capacity, 0) for s in seen) > 0
-    assert counts.max() == capacity
+    assert counts.tolist() == seen  # what experts were asked for: the balancing signal sees the overflow
 
     layer = moe_layer(capacity_factor=1.0).train()  # 8 experts, 2 active: capacity 2 * 40 / 8 = 10
     with torch.no_grad():
@@ -75,6 +74,7 @@ def test_capacity_drops_the_latest_assignments_of_full_experts():
     assert asked[0] == 40
     stats = layer.routing_stats()
     assert float(stats["dropped"]) == pytest.approx(float((asked - 10).clamp_min(0).sum()) / 80)
+    assert float(stats["load_max"]) == pytest.approx(40 / 10)  # the real imbalance, not the capacity
     assert "dropped" not in moe_layer().routing_stats()
 
 
@@ -111,6 +111,8 @@ def test_first_layers_stay_dense_and_config_errors():
         plugin("ffn", "MoE", experts=8, active=9)
     with pytest.raises(ConfigError, match=r"MoE capacity_factor=0 must be > 0"):
         plugin("ffn", "MoE", capacity_factor=0)
+    with pytest.raises(ConfigError, match=r"MoE score='Sigmoid' must be 'sigmoid' or 'softmax'"):
+        plugin("ffn", "MoE", score="Sigmoid")
 
 
 def test_loss_free_balancing_evens_a_skewed_router():
@@ -154,7 +156,9 @@ def test_bias_gets_no_gradient_aux_loss_does_and_state_is_checkpointed():
     before = layer.load.clone()
     layer(x)
     assert torch.equal(layer.load, before)  # evaluation does not count toward balancing
-    assert moe_layer().train()(x) is not None and moe_layer().take_aux_loss() is None
+    plain = moe_layer().train()
+    plain(x)
+    assert plain.take_aux_loss() is None  # no auxiliary loss unless asked for
 
 
 def test_checkpointed_and_autocast_forward():
@@ -173,7 +177,9 @@ def test_checkpointed_and_autocast_forward():
         torch.testing.assert_close(p.grad, g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = layer(x)
+        assert layer.route(x.reshape(-1, 24))[2].dtype == torch.float32  # routing stays fp32
     assert low.dtype == torch.bfloat16
+    assert layer.to(torch.bfloat16).routing_bias.dtype == torch.float32  # balancing state too
     torch.testing.assert_close(low.float(), out, rtol=0.1, atol=0.02)
 
 
@@ -227,15 +233,16 @@ def test_fsdp2_sharded_moe_matches_unsharded(tmp_path):
     from conftest import ROOT
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests/scripts/fsdp2_moe.py"), str(tmp_path / "out"), str(ROOT / "tests")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for rank in range(2):
-        result = json.loads((tmp_path / f"out.rank{rank}.json").read_text())
+    results = [json.loads((tmp_path / f"out.rank{rank}.json").read_text()) for rank in range(2)]
+    for result in results:
         assert result["local_w_gate"] and all(shape[0] == 2 for shape in result["local_w_gate"])  # 4 experts / 2
-        assert result["loss_err"] < 1e-6 and result["grad_err"] < 1e-6 and result["expert_grad"] > 0
+        assert result["grad_err"] < 1e-6 and result["expert_grad"] > 0  # FSDP averages the two ranks' grads
         assert result["bias_equal"] and result["moved"]
+    assert results[0]["bias"] == results[1]["bias"]  # the load is summed over ranks before the update
 
 
 def test_paper_scale_config_is_8b_a1b_and_counts_without_allocating(capsys):

@@ -120,11 +120,15 @@ def test_resume_mid_epoch_one_process(tmp_path):
     _check_resume(tmp_path, devices=1)
 
 
+def test_resume_mid_epoch_with_loader_workers(tmp_path):
+    _check_resume(tmp_path, devices=1, workers=2)  # workers prefetch ahead of what the trainer consumed
+
+
 def test_resume_mid_epoch_two_processes(tmp_path):
     _check_resume(tmp_path, devices=2)
 
 
-def _check_resume(tmp_path: Path, devices: int) -> None:
+def _check_resume(tmp_path: Path, devices: int, workers: int = 0) -> None:
     folder = corpus(tmp_path, "c", prose(150), block_len=512)
     script = ROOT / "tests" / "scripts" / "record_batches.py"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -133,7 +137,7 @@ def _check_resume(tmp_path: Path, devices: int) -> None:
 
     def run(out: str, *extra: str) -> list[list]:
         cmd = [sys.executable, str(script), str(folder), str(tmp_path / out), "--steps", "9",
-               "--devices", str(devices), *extra]
+               "--devices", str(devices), "--workers", str(workers), *extra]
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return [json.loads((tmp_path / f"{out}.rank{r}.json").read_text()) for r in range(devices)]
@@ -238,7 +242,7 @@ def test_remote_stream_is_cached_locally(tmp_path):
         bad.setup("fit")
 
 
-def test_stale_shared_memory_is_removed_only_for_our_folders(tmp_path):
+def test_stale_shared_memory_is_removed_only_for_our_folders_and_dead_owners(tmp_path):
     from streaming.base.constant import BARRIER, LOCALS
     from streaming.base.shared import SharedMemory
     from streaming.base.shared.prefix import _get_path, _pack_locals
@@ -246,28 +250,26 @@ def test_stale_shared_memory_is_removed_only_for_our_folders(tmp_path):
     from hsa_lightning.lit.streaming_datamodule import _remove_stale_shared_memory
 
     def exists(name):
-        try:
-            SharedMemory(name, False, auto_cleanup=False).shm.close()
-            return True
-        except FileNotFoundError:
-            return False
+        return (Path("/dev/shm") / name).exists()
 
-    free = next(p for p in range(1000) if not exists(_get_path(p, LOCALS)))
+    free = next(p for p in range(1000) if not any(exists(_get_path(p + i, LOCALS)) for i in range(3)))
     ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
-    made = []
+    # a crashed run left segments for our folder (prefix free) and another folder (free + 1); nobody
+    # maps them. On Linux a POSIX shared-memory segment is a file in /dev/shm.
     for prefix, dirs in ((free, [ours]), (free + 1, [theirs])):
-        data = _pack_locals(dirs, prefix)
-        shm = SharedMemory(_get_path(prefix, LOCALS), True, len(data), auto_cleanup=False)
-        shm.buf[: len(data)] = data
-        made.append(shm)
-        made.append(SharedMemory(_get_path(prefix, BARRIER), True, 8, auto_cleanup=False))
+        (Path("/dev/shm") / _get_path(prefix, LOCALS)).write_bytes(_pack_locals(dirs, prefix))
+        (Path("/dev/shm") / _get_path(prefix, BARRIER)).write_bytes(bytes(8))
+    # a live run on our folder (this process maps it): must survive
+    data = _pack_locals([ours], free + 2)
+    live = [SharedMemory(_get_path(free + 2, LOCALS), True, len(data), auto_cleanup=False)]
+    live[0].buf[: len(data)] = data
     try:
         _remove_stale_shared_memory([ours])
-        assert not exists(_get_path(free, LOCALS)) and not exists(_get_path(free, BARRIER))
-        assert exists(_get_path(free + 1, LOCALS)) and exists(_get_path(free + 1, BARRIER))  # another job's
+        assert not exists(_get_path(free, LOCALS)) and not exists(_get_path(free, BARRIER))  # stale, ours
+        assert exists(_get_path(free + 1, LOCALS)) and exists(_get_path(free + 1, BARRIER))  # another folder
+        assert exists(_get_path(free + 2, LOCALS))  # ours but alive
     finally:
-        for shm in made:
-            try:
-                shm.shm.unlink()
-            except FileNotFoundError:
-                pass
+        live[0].shm.close()
+        for prefix in (free, free + 1, free + 2):
+            for name in (LOCALS, BARRIER):
+                (Path("/dev/shm") / _get_path(prefix, name)).unlink(missing_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,18 +17,12 @@ from hsa_lightning.errors import ConfigError
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".md", ".rst")
 
 
-@dataclass
-class SourceFile:
-    path: Path
-    size: int
-    sha256: str
-
-
 def find_sources(inputs: Sequence[str], extensions: Sequence[str] = TEXT_EXTENSIONS) -> list[Path]:
     """Files named by ``inputs``, sorted within each input, each file once; errors name the input."""
     if not inputs:
         raise ConfigError("no input given: name .txt/.jsonl files, folders or glob patterns")
     files: list[Path] = []
+    seen: set[Path] = set()
     for item in inputs:
         p = Path(item)
         if any(ch in item for ch in "*?["):
@@ -44,7 +37,10 @@ def find_sources(inputs: Sequence[str], extensions: Sequence[str] = TEXT_EXTENSI
             found = [p]
         else:
             raise ConfigError(f"input {item!r} does not exist")
-        files += [f for f in found if f not in files]
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                files.append(f)
     return files
 
 

@@ -52,7 +52,7 @@ def write_shards(
 
     output = Path(output)
     if block_len < 1:
-        raise ConfigError(f"block_len={block_len} must be >= 1")
+        raise ConfigError(f"block_len={block_len} (--block-len) must be >= 1")
     if output.exists() and not overwrite:
         raise ConfigError(f"output {str(output)!r} already exists; pass --overwrite to replace it")
     files = find_sources(inputs, extensions)
@@ -140,7 +140,11 @@ def replace_folder(partial: Path, output: Path) -> None:
         return
     old = output.with_name(f".{output.name}.old-{os.getpid()}")
     output.rename(old)
-    partial.rename(output)
+    try:
+        partial.rename(output)
+    except BaseException:
+        old.rename(output)  # never lose the previous folder
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -154,7 +158,10 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file() or not (folder / "index.json").is_file():
         raise ConfigError(f"shard folder {str(folder)!r} has no {MANIFEST} and index.json: it was not written by "
                           f"`python -m hsa_lightning.data prepare`, or that run did not finish")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"shard folder {str(folder)!r}: {MANIFEST} is not valid JSON ({e.msg})") from None
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"shard folder {str(folder)!r} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest

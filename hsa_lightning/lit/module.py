@@ -60,7 +60,10 @@ class HSALitModule(L.LightningModule):
         position: PositionArg = "RoPE",
         ffn: FFNArg = "SwiGLU",
         optim: Optional[OptimConfig] = None,
+        init_weights: Optional[str] = None,
     ):
+        """``init_weights``: a checkpoint whose model weights (only) start this run, e.g. the previous
+        curriculum stage's last checkpoint when a stage runs as its own fit on a new data mix."""
         super().__init__()
         self.save_hyperparameters()
         self.config = _as(ModelConfig, config)
@@ -83,8 +86,22 @@ class HSALitModule(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         self.attention.check_runtime(device, self._compute_dtype())
         self.model = HSALM(self.config, self.attention, self.layout, self.position, self.ffn)
+        if self.hparams.init_weights:
+            self._load_weights(self.hparams.init_weights)
         total, active = self.model.num_parameters(), self.model.num_parameters(active=True)
         rank_zero_info(f"HSALM: {total / 1e6:,.1f}M parameters, {active / 1e6:,.1f}M active per token")
+
+    def _load_weights(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        except (OSError, KeyError) as e:
+            raise ConfigError(f"model init_weights={path!r} is not a readable Lightning checkpoint ({e})") from None
+        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as e:  # missing, unexpected or differently shaped weights
+            raise ConfigError(f"model init_weights={path!r} does not match this model: "
+                              f"{str(e).splitlines()[1].strip()}") from None
 
     def _compute_dtype(self) -> torch.dtype:
         if self._trainer is None:

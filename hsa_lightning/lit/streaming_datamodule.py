@@ -87,7 +87,7 @@ class StreamingDataModule(L.LightningDataModule):
             raise ConfigError(f"data num_workers={num_workers} must be >= 0")
         self.tokenizer = load_tokenizer(tokenizer)
         self.vocab_size = self.tokenizer.vocab_size
-        self.tokens_per_batch, self.synthetic_share = tokens_per_batch, synthetic_share
+        self.tokens_per_batch, self._synthetic_share = tokens_per_batch, synthetic_share
         self.synthetic_tasks = list(synthetic_tasks)
         self.mask_documents = mask_documents
         self.block_len: Optional[int] = None
@@ -103,11 +103,29 @@ class StreamingDataModule(L.LightningDataModule):
     @seq_len.setter
     def seq_len(self, value: int) -> None:
         """A curriculum may change the sequence length between steps; tokens per batch stay fixed."""
-        if self.tokens_per_batch % value:
+        if value < 1 or self.tokens_per_batch % value:
             raise ConfigError(f"data seq_len={value} must divide tokens_per_batch={self.tokens_per_batch}")
         if self.block_len is not None:
             _check_shapes(value, self.tokens_per_batch, self.block_len)
-        self._seq_len = value
+        old, self._seq_len = self._seq_len, value
+        if self.synthetic_share > 0:
+            try:
+                self._check_tasks_fit()
+            except ConfigError:
+                self._seq_len = old
+                raise
+
+    @property
+    def synthetic_share(self) -> float:
+        return self._synthetic_share
+
+    @synthetic_share.setter
+    def synthetic_share(self, value: float) -> None:
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"data synthetic_share={value} must be within [0, 1]")
+        if value > 0:
+            self._check_tasks_fit()
+        self._synthetic_share = value
 
     @property
     def batch_size(self) -> int:
@@ -184,9 +202,10 @@ class StreamingDataModule(L.LightningDataModule):
     def _loader(self, split: str):
         dataset = self._dataset(split)
         workers = self.hparams.num_workers
-        return _consumption_loader()(dataset, batch_size=self.tokens_per_batch // self.block_len,
-                                     num_workers=workers, collate_fn=_collate, drop_last=split == "train",
-                                     persistent_workers=False)
+        from hsa_lightning.data.streaming_dataset import ConsumptionLoader
+
+        return ConsumptionLoader(dataset, batch_size=self.tokens_per_batch // self.block_len, num_workers=workers,
+                                 collate_fn=_collate, drop_last=split == "train", persistent_workers=False)
 
     def train_dataloader(self):
         self._train_loader = self._loader("train")
@@ -270,7 +289,14 @@ def _check_shapes(seq_len: int, tokens_per_batch: int, block_len: int) -> None:
 def _as_streams(value: Streams, field: str) -> list[StreamSpec]:
     if isinstance(value, (str, Path)):
         return [StreamSpec(local=str(value))]
-    streams = [s if isinstance(s, StreamSpec) else StreamSpec(**s) for s in value]
+    streams = []
+    for i, s in enumerate(value):
+        if isinstance(s, (str, Path)):
+            s = {"local": str(s)}
+        try:
+            streams.append(s if isinstance(s, StreamSpec) else StreamSpec(**s))
+        except TypeError as e:
+            raise ConfigError(f"data {field}[{i}]={s!r}: a folder or {{local, remote, proportion}} ({e})") from None
     if not streams:
         raise ConfigError(f"data {field}: give a shard folder or a non-empty list of streams")
     given = [s.proportion for s in streams if s.proportion is not None]
@@ -288,69 +314,58 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _make_dataset(streams: list[StreamSpec], batch_size: int, shuffle: bool, seed: int):
-    from streaming import Stream, StreamingDataset
+    from streaming import Stream
 
-    class _IndexedDataset(StreamingDataset):
-        """Samples carry their global id: it seeds synthetic replacements reproducibly."""
-
-        def get_item(self, sample_id: int, retry: int = 7):
-            return {"tokens": super().get_item(sample_id, retry)["tokens"], "sample_id": sample_id}
+    from hsa_lightning.data.streaming_dataset import IndexedStreamingDataset
 
     mixed = [Stream(local=s.local, remote=s.remote, proportion=s.proportion) for s in streams]
-    return _IndexedDataset(streams=mixed, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
-                           shuffle_algo="py1e")
-
-
-def _consumption_loader():
-    from streaming import StreamingDataLoader
-    from streaming.base.world import World
-
-    class ConsumptionLoader(StreamingDataLoader):
-        """Its state counts the blocks the trainer used (``consumed``), not those prefetched."""
-
-        consumed = 0
-
-        def __iter__(self):
-            self.consumed = 0
-            yield from super().__iter__()
-
-        def state_dict(self):
-            return self.dataset.state_dict(self.consumed * World.detect().num_ranks, False)
-
-    return ConsumptionLoader
+    return IndexedStreamingDataset(streams=mixed, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                                   shuffle_algo="py1e")
 
 
 def _remove_stale_shared_memory(local_dirs: list[str]) -> None:
-    """Unlink streaming's shared memory registered for *our* folders by an earlier (crashed) run.
+    """Unlink streaming's shared memory left for *our* folders by a run that has died.
 
     ``streaming.base.util.clean_stale_shared_memory`` removes every job's shared memory on the host,
-    which breaks other live jobs; this touches only prefixes that list one of our folders.
+    breaking live jobs. Here a prefix is removed only if it lists one of our folders and no live process
+    maps any of its segments (``/proc/*/maps``); without ``/proc`` nothing is removed.
     """
     from streaming.base.constant import LOCALS, SHM_TO_CLEAN
-    from streaming.base.shared import SharedMemory
     from streaming.base.shared.prefix import _get_path, _unpack_locals
 
-    def attach(name: str):  # streaming's wrapper keeps the resource tracker from unlinking at our exit
-        try:
-            return SharedMemory(name, False, auto_cleanup=False).shm
-        except (FileNotFoundError, PermissionError):
-            return None
-
+    mapped = _mapped_shared_memory()
+    if mapped is None:
+        return
+    shm_dir = Path("/dev/shm")  # where Linux keeps POSIX shared memory; /proc implies Linux
     missing = 0
     for prefix in range(1 << 16):
-        shm = attach(_get_path(prefix, LOCALS))
-        if shm is None:
+        names = [_get_path(prefix, name) for name in SHM_TO_CLEAN]
+        locals_file = shm_dir / _get_path(prefix, LOCALS)
+        if not locals_file.is_file():
             missing += 1
             if missing > 64:
                 return
             continue
         missing = 0
-        theirs, _ = _unpack_locals(bytes(shm.buf))
-        shm.close()
-        if not set(theirs) & set(local_dirs):
+        theirs, _ = _unpack_locals(locals_file.read_bytes())
+        if not set(theirs) & set(local_dirs) or any(name in mapped for name in names):
+            continue  # another job's, or alive
+        for name in names:
+            (shm_dir / name).unlink(missing_ok=True)
+
+
+def _mapped_shared_memory() -> set[str] | None:
+    """Names of the /dev/shm segments some live process maps (None where /proc is unavailable)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "maps").exists():
+        return None
+    names = set()
+    for maps in proc.glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
             continue
-        for name in SHM_TO_CLEAN:
-            stale = attach(_get_path(prefix, name))
-            if stale is not None:
-                stale.close()
-                stale.unlink()
+        for line in text.splitlines():
+            if "/dev/shm/" in line:
+                names.add(line.rsplit("/dev/shm/", 1)[1].split(" ")[0])
+    return names

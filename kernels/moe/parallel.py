@@ -15,7 +15,8 @@ import torch.nn.functional as F
 def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, w_gate: torch.Tensor,
                    w_up: torch.Tensor, w_down: torch.Tensor, capacity: Optional[int] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as ``routed_experts_reference``; returns (out, tokens per expert, dropped assignments).
+    """Same contract as ``routed_experts_reference``; returns (out, assignments each expert was asked for,
+    dropped assignments).
 
     With ``capacity``, each expert keeps its first ``capacity`` assignments in token order; the rest
     are dropped (they contribute nothing, the shared expert and the residual still carry the token).
@@ -24,7 +25,7 @@ def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     k, E = indices.shape[1], w_gate.shape[0]
     flat = indices.reshape(-1)
     order = torch.argsort(flat, stable=True)  # grouped by expert, token order inside a group
-    counts = torch.bincount(flat, minlength=E)
+    requested = counts = torch.bincount(flat, minlength=E)
     dropped = torch.zeros((), dtype=torch.int64, device=x.device)
     if capacity is not None:
         expert_sorted = flat[order]
@@ -38,7 +39,7 @@ def routed_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ys = _grouped(h, w_down, counts) * weights.reshape(-1)[order, None].to(h.dtype)
     out = torch.zeros(N * k, d, dtype=ys.dtype, device=x.device)
     out[order] = ys  # unique positions: a plain scatter, deterministic
-    return out.view(N, k, d).sum(1), counts, dropped  # in the compute dtype, like a Linear under autocast
+    return out.view(N, k, d).sum(1), requested, dropped  # in the compute dtype, like a Linear under autocast
 
 
 def _grouped(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

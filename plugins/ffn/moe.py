@@ -62,6 +62,8 @@ class MoE(FFN):
                             ("bias_update_rate", bias_update_rate), ("aux_loss_weight", aux_loss_weight)):
             if value < 0:
                 raise ConfigError(f"MoE {name}={value} must be >= 0")
+        if score not in ("sigmoid", "softmax"):
+            raise ConfigError(f"MoE score={score!r} must be 'sigmoid' or 'softmax'")
         for name, value in (("expert_hidden", expert_hidden), ("dense_hidden", dense_hidden)):
             if value is not None and value < 1:
                 raise ConfigError(f"MoE {name}={value} must be >= 1")
@@ -96,6 +98,13 @@ class MoELayer(RoutedFFN):
         self._aux_loss: Optional[torch.Tensor] = None
         self.reset_parameters()
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # the balancing state stays fp32 under .to(bfloat16): bf16 would swallow steps of 1e-3
+        self.routing_bias.data = self.routing_bias.data.float()
+        self.load.data, self.dropped.data = self.load.data.float(), self.dropped.data.float()
+        return self
+
     def reset_parameters(self) -> None:
         for w in (self.router, self.w_gate, self.w_up):
             nn.init.normal_(w, std=self.std)
@@ -106,7 +115,8 @@ class MoELayer(RoutedFFN):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> (expert indices (N, k), normalised weights (N, k) fp32, scores (N, E) fp32)."""
-        logits = x.float() @ self.router.float().t()
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions in fp32 even under autocast
+            logits = x.float() @ self.router.float().t()
         scores = torch.sigmoid(logits) if self.spec.score == "sigmoid" else torch.softmax(logits, dim=-1)
         indices = torch.topk(scores + self.routing_bias, self.spec.active, dim=-1).indices  # the bias only picks
         weights = torch.gather(scores, -1, indices)
@@ -141,7 +151,7 @@ class MoELayer(RoutedFFN):
         mean = load.mean().clamp_min(1e-20)
         stats = {"load_min": load.min() / mean, "load_max": load.max() / mean, "load_cv": load.std() / mean}
         if self.spec.capacity_factor is not None:
-            stats["dropped"] = self.dropped / (load.sum() + self.dropped).clamp_min(1)
+            stats["dropped"] = self.dropped / load.sum().clamp_min(1)  # load counts every assignment asked for
         return stats
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
-"""Run under `torch.distributed.run --nproc_per_node 2`: an MoE HSALM sharded with FSDP2 (fully_shard per
-block, then the root) must give the loss, gradients and balancing-bias update of the unsharded model."""
+"""Run under `torch.distributed.run --standalone --nproc_per_node 2`: an MoE HSALM sharded with FSDP2
+(fully_shard per block, then the root), each rank on its own batch, must give the gradients and
+balancing-bias update of the unsharded model on both batches."""
 import copy
 import json
 import sys
@@ -23,13 +24,15 @@ def main() -> None:
         fully_shard(block)
     fully_shard(sharded)
     register_fsdp_forward_method(sharded, "loss")  # loss() is an entry point besides forward()
-    x = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))  # same batch on both ranks
+    batches = [torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(r)) for r in range(2)]
     results = {}
     for name, model in (("ref", ref), ("sharded", sharded)):
+        # the unsharded reference sees both ranks' batches; each sharded rank only its own
+        x = torch.cat(batches) if name == "ref" else batches[rank]
         nll, n = model.loss(x, x)
         (nll / n).backward()
         for ffn in model.routed_ffns():
-            ffn.after_optimizer_step()  # all-reduces the load: both ranks saw the batch, signs are unchanged
+            ffn.after_optimizer_step()  # sharded: the all-reduced load is the load of both batches
         grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for k, p in
                  model.named_parameters()}
         biases = [f.routing_bias.clone() for f in model.routed_ffns()]
@@ -42,7 +45,8 @@ def main() -> None:
     sharded_experts = [tuple(p.to_local().shape) for n_, p in sharded.named_parameters() if n_.endswith("w_gate")]
     with open(f"{sys.argv[1]}.rank{rank}.json", "w") as f:
         json.dump({"loss_err": loss_err, "grad_err": grad_err, "bias_equal": bias_equal, "moved": bool(moved), "expert_grad": expert_grad,
-                   "local_w_gate": sharded_experts}, f)
+                   "local_w_gate": sharded_experts,
+                   "bias": [b.tolist() for b in results["sharded"][2]]}, f)
     dist.destroy_process_group()
 
 
