@@ -21,6 +21,9 @@ from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory,
 from hsa_lightning.model.config import ModelConfig
 
 
+MAX_FUSED_TOPK_X_WIDTH = 8192  # top_k * retrieval width the fused select kernel is run with
+
+
 class HSATriton(AttentionBackend):
     aliases = ("triton",)
     requires = ("triton",)
@@ -49,7 +52,11 @@ class HSATriton(AttentionBackend):
 
     def select(self, q_slc, landmarks, top_k, chunk_size, gumbel, doc_start=None):
         dr = q_slc.shape[-1]
-        if gumbel or doc_start is not None or dr < 16 or dr & (dr - 1):  # these take the reference path
+        # Noise, document masks, odd widths and wide top-k x width (a curriculum's "all chunks", whose
+        # kernel tile would not fit in shared memory) take the reference path, exact and cheap at the
+        # short lengths where they occur.
+        wide = min(top_k, landmarks.shape[1]) * dr > MAX_FUSED_TOPK_X_WIDTH
+        if gumbel or doc_start is not None or dr < 16 or dr & (dr - 1) or wide:
             return super().select(q_slc, landmarks, top_k, chunk_size, gumbel, doc_start)
         from hsa_lightning.kernels.retrieval.parallel import select_chunks_fused
 
