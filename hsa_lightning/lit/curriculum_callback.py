@@ -49,8 +49,8 @@ class Curriculum(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         dm = trainer.datamodule
         needs = [s for s in self.stages if s.seq_len is not None or s.synthetic_share is not None]
-        if needs and not (hasattr(type(dm), "seq_len") and isinstance(getattr(type(dm), "seq_len"), property)
-                          and getattr(type(dm), "seq_len").fset is not None):
+        settable = getattr(type(dm), "seq_len", None)
+        if needs and not (isinstance(settable, property) and settable.fset is not None):
             raise ConfigError(f"curriculum stage {needs[0].name} sets seq_len or synthetic_share, but data module "
                               f"{type(dm).__name__} cannot change them (use StreamingDataModule)")
         chunk = module.config.chunk_size
