@@ -36,3 +36,23 @@ def test_fused_selection_equals_reference_with_gradients(B, T, H, DR, S, K):
             assert a is None or a.abs().max() == 0
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_hsa_triton_select_routes_wide_selections_to_the_reference(wide, monkeypatch):
+    """A curriculum's top_k='all' gives top-k x width beyond the fused kernel's tile: HSATriton then
+    selects through the reference, with the same result either way."""
+    from hsa_lightning.model.attention_backend import AttentionBackend
+    from hsa_lightning.plugins.attention import hsa_triton
+
+    calls = []
+    monkeypatch.setattr(hsa_triton, "MAX_FUSED_TOPK_X_WIDTH", 16 * 6 - 1 if wide else 16 * 6)
+    original = AttentionBackend.select
+    monkeypatch.setattr(AttentionBackend, "select", lambda *a, **k: calls.append(1) or original(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    q, lmk = torch.randn(1, 100, 1, 16, generator=g), torch.randn(1, 13, 1, 16, generator=g)
+    idx, valid, sel = hsa_triton.HSATriton().select(q, lmk, 6, 8, False)
+    ref_idx, ref_valid, ref_sel = original(AttentionBackend(), q, lmk, 6, 8, False)
+    assert bool(calls) == wide
+    assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
+    torch.testing.assert_close(sel[valid], ref_sel[valid], rtol=1e-5, atol=1e-5)
