@@ -72,12 +72,12 @@ def shared_fraction(idx: torch.Tensor, sample: int = 4096) -> float:
     return (a[:, :, None] == b[:, None, :]).any(-1).float().mean().item()
 
 
-def bench(fn) -> float | str:
-    """Median-ish milliseconds from triton's do_bench, or "OOM"."""
+def bench(fn, rep: int = 40) -> float | str:
+    """Median-ish milliseconds from triton's do_bench (``rep`` ms of repetitions), or "OOM"."""
     from triton.testing import do_bench
 
     try:
-        return do_bench(fn, warmup=10, rep=40)
+        return do_bench(fn, warmup=10, rep=rep)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return "OOM"

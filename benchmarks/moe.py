@@ -1,6 +1,6 @@
 """MoE layer benchmark: routed experts + shared expert versus a dense SwiGLU with the same active width.
 
-    python benchmarks/moe.py --out docs/bench/moe.json
+    python -m benchmarks.moe --out docs/bench/moe.json
 
 Prints a markdown table and writes JSON. bf16, one GPU. For each shape (tokens N, d_model, experts E,
 active k, expert width h) it times forward and forward+backward of the MoE layer (router, top-k,
@@ -17,25 +17,17 @@ from datetime import date
 
 import torch
 
+from benchmarks.kernels import bench
 from hsa_lightning.kernels.moe import parallel
 from hsa_lightning.model.ffn import SwiGLUMLP
 from hsa_lightning.plugins.ffn.moe import MoE
 
+REP_MS = 50  # do_bench repetition time per measurement
 SHAPES = [  # (tokens, d_model, experts, active, expert hidden)
     (32768, 512, 16, 2, 704),     # configs/moe_demo_gpu.yaml
     (32768, 2048, 64, 4, 1024),   # configs/moe_8b_a1b.yaml
     (16384, 2048, 64, 4, 1024),
 ]
-
-
-def bench(fn) -> float | str:
-    from triton.testing import do_bench
-
-    try:
-        return do_bench(fn, warmup=10, rep=50)
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return "OOM"
 
 
 def fwd_bwd(layer, x):
@@ -60,13 +52,13 @@ def main() -> None:
         flops = 6 * N * d * h * (k + 1)
         row = {"tokens": N, "d_model": d, "experts": E, "active": k, "expert_hidden": h}
         with torch.no_grad():
-            row["moe_fwd_ms"] = bench(lambda: moe(x))
-            row["dense_fwd_ms"] = bench(lambda: dense(x))
-        row["moe_fwdbwd_ms"] = bench(fwd_bwd(moe, x))
-        row["dense_fwdbwd_ms"] = bench(fwd_bwd(dense, x))
+            row["moe_fwd_ms"] = bench(lambda: moe(x), rep=REP_MS)
+            row["dense_fwd_ms"] = bench(lambda: dense(x), rep=REP_MS)
+        row["moe_fwdbwd_ms"] = bench(fwd_bwd(moe, x), rep=REP_MS)
+        row["dense_fwdbwd_ms"] = bench(fwd_bwd(dense, x), rep=REP_MS)
         supported = parallel._grouped_mm_supported
         parallel._grouped_mm_supported = lambda a: False
-        row["moe_padded_fwdbwd_ms"] = bench(fwd_bwd(moe, x))
+        row["moe_padded_fwdbwd_ms"] = bench(fwd_bwd(moe, x), rep=REP_MS)
         parallel._grouped_mm_supported = supported
         for key in ("moe_fwdbwd_ms", "dense_fwdbwd_ms"):
             if isinstance(row[key], float):
@@ -76,7 +68,7 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": str(date.today()), "dtype": "bfloat16", "command": "python benchmarks/moe.py"}
+            "date": str(date.today()), "dtype": "bfloat16", "command": "python -m benchmarks.moe"}
     keys = list(rows[0])
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:

@@ -16,11 +16,11 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _train_tokenizer(args: argparse.Namespace) -> None:
+    from hsa_lightning.data.atomic import refuse_overwrite
     from hsa_lightning.data.corpus import find_sources, read_documents
     from hsa_lightning.data.tokenizer import train_bpe
 
-    if args.output.exists() and not args.overwrite:
-        raise ConfigError(f"output {str(args.output)!r} already exists; pass --overwrite to replace it")
+    refuse_overwrite(args.output, args.overwrite)
     files = find_sources(args.inputs)
     texts = (text for f in files for text in read_documents(f, args.text_field))
     tok = train_bpe(texts, args.vocab_size, args.output)

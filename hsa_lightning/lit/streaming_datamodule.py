@@ -128,6 +128,10 @@ class StreamingDataModule(L.LightningDataModule):
         self._synthetic_share = value
 
     @property
+    def blocks_per_batch(self) -> int:
+        return self.tokens_per_batch // self.block_len
+
+    @property
     def batch_size(self) -> int:
         """Sequences per batch at the current ``seq_len``."""
         return self.tokens_per_batch // self.seq_len
@@ -194,18 +198,17 @@ class StreamingDataModule(L.LightningDataModule):
         if split not in self._datasets:  # once per process: streaming forbids re-registering a folder
             streams = self.train_streams if split == "train" else self.val_streams
             self._datasets[split] = _make_dataset(
-                streams, batch_size=self.tokens_per_batch // self.block_len,
+                streams, batch_size=self.blocks_per_batch,
                 shuffle=self.hparams.shuffle and split == "train", seed=self.hparams.seed,
             )
         return self._datasets[split]
 
     def _loader(self, split: str):
-        dataset = self._dataset(split)
-        workers = self.hparams.num_workers
         from hsa_lightning.data.streaming_dataset import ConsumptionLoader
 
-        return ConsumptionLoader(dataset, batch_size=self.tokens_per_batch // self.block_len, num_workers=workers,
-                                 collate_fn=_collate, drop_last=split == "train", persistent_workers=False)
+        return ConsumptionLoader(self._dataset(split), batch_size=self.blocks_per_batch,
+                                 num_workers=self.hparams.num_workers, collate_fn=_collate,
+                                 drop_last=split == "train", persistent_workers=False)
 
     def train_dataloader(self):
         self._train_loader = self._loader("train")

@@ -22,9 +22,13 @@ class FFN:
         raise NotImplementedError
 
 
+def round_up(n: int, multiple_of: int) -> int:
+    return -(-n // multiple_of) * multiple_of
+
+
 def default_hidden(d_model: int, multiple_of: int) -> int:
     """The usual SwiGLU width: 8/3 * d_model rounded up to a multiple of ``multiple_of``."""
-    return -(-(8 * d_model // 3) // multiple_of) * multiple_of
+    return round_up(8 * d_model // 3, multiple_of)
 
 
 class SwiGLUMLP(nn.Module):

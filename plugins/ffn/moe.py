@@ -21,7 +21,7 @@ from torch import nn
 
 from hsa_lightning.errors import ConfigError
 from hsa_lightning.kernels.moe import routed_experts
-from hsa_lightning.model.ffn import FFN, RoutedFFN, SwiGLUMLP, default_hidden
+from hsa_lightning.model.ffn import FFN, RoutedFFN, SwiGLUMLP, default_hidden, round_up
 
 
 class MoE(FFN):
@@ -78,7 +78,7 @@ class MoE(FFN):
         dense = self.dense_hidden or default_hidden(d_model, self.multiple_of)
         if layer_index < self.dense_layers:  # includes the chunk encoder (-1)
             return SwiGLUMLP(d_model, dense, init_std, out_std)
-        hidden = self.expert_hidden or -(-(dense // 2) // self.multiple_of) * self.multiple_of
+        hidden = self.expert_hidden or round_up(dense // 2, self.multiple_of)
         return MoELayer(d_model, hidden, self, init_std, out_std)
 
 
@@ -134,7 +134,7 @@ class MoELayer(RoutedFFN):
                 self.load += counts.float()
                 self.dropped += dropped.float()
             if self.spec.aux_loss_weight > 0:  # switch-style: E * sum_e (share of assignments) * (mean score)
-                share = torch.bincount(indices.reshape(-1), minlength=E).float() / (N * k)
+                share = counts.float() / (N * k)  # counts: assignments asked of each expert
                 probs = scores / scores.sum(-1, keepdim=True)
                 self._aux_loss = self.spec.aux_loss_weight * E * (share * probs.mean(0)).sum()
         if self.shared is not None:
