@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class PluginError(ValueError):
     """An unknown, broken or incapable plugin."""
+
+
+class InferenceError(ValueError):
+    """A prompt, cache or generation setting the inference engine cannot serve."""

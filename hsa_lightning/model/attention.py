@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hsa_lightning.model.attention_backend import AttentionBackend, with_doc_start
+from hsa_lightning.model.cache import LayerCache
 from hsa_lightning.model.layers import Linear, RMSNorm
 from hsa_lightning.model.position import PositionEncoding
 
@@ -42,13 +43,17 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, doc_start: Optional[torch.Tensor] = None,
+                cache: Optional[LayerCache] = None) -> torch.Tensor:
+        """``cache`` (inference): the keys and values of earlier tokens, which this call reads and extends."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = self.position.rotate(q, positions), self.position.rotate(k, positions)
-        if self.causal:
+        if cache is not None:
+            o = cache.attend(q, k, v, self.backend)
+        elif self.causal:
             o = self.backend.local_attention(q, k, v, self.window, **with_doc_start(doc_start))
         else:  # the chunk encoder: a handful of tokens, every one sees every other
             o = F.scaled_dot_product_attention(

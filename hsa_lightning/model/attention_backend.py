@@ -7,6 +7,10 @@ tensors. It computes two things:
 Backends declare their capabilities as class attributes; the model checks them when it is
 configured, never at the first forward.
 
+Incremental inference (``incremental``): ``select`` and ``memory_attention`` take ``query_start``, the
+absolute position of the first query row, so a prompt segment or one decoded token reads every
+earlier chunk of an inference cache (``hsa_lightning/inference``).
+
 Document masking (``masks_documents``): ``doc_start`` (B, T) holds the first position of each token's
 document; attention and retrieval then never cross a document boundary. It is passed only when the
 data asks for it, so backends without the capability keep the plain signatures.
@@ -38,6 +42,11 @@ class ChunkMemory:
     landmarks: torch.Tensor  # (B, Lm / chunk_size, Hkv, Dr), one per chunk and HSA KV head
     chunk_size: int
 
+    def resident(self, selection: Selection) -> tuple["ChunkMemory", Selection]:
+        """The memory and selection to compute with on the device; an offloaded memory
+        (``hsa_lightning/inference``) copies just the selected chunks in and renumbers them."""
+        return self, selection
+
 
 @dataclass
 class Selection:
@@ -65,6 +74,8 @@ class AttentionBackend:
     aliases: ClassVar[tuple[str, ...]] = ()
     #: whether its methods take ``doc_start`` (document masking)
     masks_documents: ClassVar[bool] = False
+    #: whether ``select`` and ``memory_attention`` take ``query_start`` (incremental inference)
+    incremental: ClassVar[bool] = False
 
     # -- capabilities --------------------------------------------------------------------------
     def check_static(self, config: ModelConfig) -> None:
@@ -120,31 +131,39 @@ class AttentionBackend:
 
     def select(
         self, q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int, gumbel: bool,
-        doc_start: torch.Tensor | None = None,
+        doc_start: torch.Tensor | None = None, query_start: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Retrieval: (indices, valid, selected scores), each (B, T, Hkv, K), slots most recent first.
 
         Scores are <q_slc, landmark> / sqrt(Dr) over visible chunks; ``gumbel`` perturbs the choice
-        only (the returned scores are clean). This default is the reference; backends may fuse it.
+        only (the returned scores are clean). Query row r sits at position ``query_start + r``. This
+        default is the reference (an exact scan: at decode a batched matrix-vector product and top-k);
+        backends may fuse it.
         """
-        scores = retrieval_scores(q_slc, landmarks, chunk_size, doc_start)
+        scores = retrieval_scores(q_slc, landmarks, chunk_size, doc_start, query_start)
         noise = -torch.log(torch.empty_like(scores).exponential_()) if gumbel else None
         indices, valid = select_chunks(scores, top_k, noise)
         return indices, valid, torch.gather(scores, -1, indices)
 
     def memory_attention(
         self, q: torch.Tensor, memory: ChunkMemory, selection: Selection | None,
-        doc_start: torch.Tensor | None = None,
+        doc_start: torch.Tensor | None = None, query_start: int = 0,
     ) -> torch.Tensor:
-        """What HSA queries (B, T, H, D) read from ``memory``; ``selection`` is None when
-        ``needs_retrieval`` is False (``doc_start`` then matters). Must return zeros for tokens that
-        see no complete chunk."""
+        """What HSA queries (B, T, H, D) at positions ``query_start``.. read from ``memory``;
+        ``selection`` is None when ``needs_retrieval`` is False (``doc_start`` and ``query_start`` then
+        matter). Must return zeros for tokens that see no complete chunk."""
         raise NotImplementedError
 
 
 def with_doc_start(doc_start: torch.Tensor | None) -> dict:
     """Keyword arguments for a backend call: ``doc_start`` only when documents are masked."""
     return {} if doc_start is None else {"doc_start": doc_start}
+
+
+def with_query_start(query_start: int) -> dict:
+    """Keyword arguments for a backend call: ``query_start`` only in incremental inference, so
+    backends without the ``incremental`` capability keep the plain signatures for training."""
+    return {"query_start": query_start} if query_start else {}
 
 
 def prefer_fused_sdpa(q: torch.Tensor):

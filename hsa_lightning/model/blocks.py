@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from hsa_lightning.model.attention import SelfAttention
-from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, with_doc_start
+from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, with_doc_start, with_query_start
+from hsa_lightning.model.cache import LayerCache
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.ffn import FFN
 from hsa_lightning.model.layers import Linear, RMSNorm
@@ -32,8 +33,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.mlp = ffn.build(d, layer_index, cfg.init_std, _out_std(cfg))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, doc_start)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, doc_start: Optional[torch.Tensor] = None,
+                cache: Optional[LayerCache] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, doc_start, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -64,12 +66,18 @@ class HSABlock(nn.Module):
         self.mlp = ffn.build(d, layer_index, cfg.init_std, _out_std(cfg))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, memory: ChunkMemory,
-                doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                doc_start: Optional[torch.Tensor] = None, cache: Optional[LayerCache] = None) -> torch.Tensor:
+        """``cache`` (inference): the internal SWA's cache; its position is where these queries start."""
         B, T, _ = x.shape
-        selection = self.retrieval(x, memory.landmarks, doc_start) if self.backend.needs_retrieval else None
-        x1 = x + self.swa(self.swa_norm(x), positions, doc_start)
+        query_start = 0 if cache is None else cache.position
+        selection = None
+        if self.backend.needs_retrieval:
+            selection = self.retrieval(x, memory.landmarks, doc_start, query_start)
+            memory, selection = memory.resident(selection)
+        x1 = x + self.swa(self.swa_norm(x), positions, doc_start, cache)
         q = self.q_norm(self.q_proj(self.hsa_norm(x1)).view(B, T, self.n_heads, self.head_dim))
-        o = self.backend.memory_attention(q, memory, selection, **with_doc_start(doc_start))
+        o = self.backend.memory_attention(q, memory, selection, **with_doc_start(doc_start),
+                                          **with_query_start(query_start))
         a = self.o_proj(o.reshape(B, T, -1))
         if self.bypass:
             return x1 + self.mlp(self.mlp_norm(x1 + a))

@@ -26,6 +26,7 @@ class HSALM(nn.Module):
                  position: PositionEncoding, ffn: FFN):
         super().__init__()
         self.config = config
+        self.backend = attention  # a stateless strategy object, not a module
         self.plan = check_plan(layout.plan(config.n_layers), config.n_layers, type(layout).__name__)
         self.embed = Embedding(config.vocab_size, config.d_model, config.init_std)
         self.blocks = nn.ModuleList()

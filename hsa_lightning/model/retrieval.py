@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hsa_lightning.kernels.retrieval import weights_from_selected
-from hsa_lightning.model.attention_backend import AttentionBackend, Selection, with_doc_start
+from hsa_lightning.model.attention_backend import AttentionBackend, Selection, with_doc_start, with_query_start
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.layers import Linear, RMSNorm
 
@@ -29,12 +29,14 @@ class Retrieval(nn.Module):
         if self.recency is not None:
             nn.init.zeros_(self.recency)
 
-    def forward(self, x: torch.Tensor, landmarks: torch.Tensor, doc_start: torch.Tensor | None = None) -> Selection:
+    def forward(self, x: torch.Tensor, landmarks: torch.Tensor, doc_start: torch.Tensor | None = None,
+                query_start: int = 0) -> Selection:
+        """Rows of ``x`` sit at positions ``query_start``.. (nonzero only in incremental inference)."""
         B, T, _ = x.shape
         q = self.proj(self.norm(x)).view(B, T, self.heads, -1)
         gumbel = self.gumbel_noise and self.training
         top_k = landmarks.shape[1] if self.top_k is None else self.top_k
         indices, valid, selected = self.backend.select(q, landmarks, top_k, self.chunk_size, gumbel,
-                                                       **with_doc_start(doc_start))
+                                                       **with_doc_start(doc_start), **with_query_start(query_start))
         weights = weights_from_selected(selected, valid, self.fusion, self.recency)
         return Selection(indices=indices, weights=weights, joint=self.fusion == "joint")

@@ -323,7 +323,8 @@ def _check(q, k, v, weights, indices, chunk_size):
 
 def hsa_forward(q, k, v, weights, indices, chunk_size: int, scale: float) -> torch.Tensor:
     _check(q, k, v, weights, indices, chunk_size)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # the memory may be a strided prefix of an inference cache: never copy it, it can be gigabytes
+    q, k, v = q.contiguous(), inner_contiguous(k), inner_contiguous(v)
     weights, indices = weights.float().contiguous(), indices.to(torch.int32).contiguous()
     B, T, H, D = q.shape
     Hkv, K = k.shape[2], indices.shape[-1]
@@ -431,6 +432,11 @@ def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: to
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = common_dtype(q, k, v)
     return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale)
+
+
+def inner_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its innermost dimension is dense (the kernels take the other strides), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 
 def visible_chunks(T: int, C: int, chunk_size: int, device: torch.device,
-                   doc_start: torch.Tensor | None = None) -> torch.Tensor:
+                   doc_start: torch.Tensor | None = None, query_start: int = 0) -> torch.Tensor:
     """(T, C) bool: chunk i visible to token t iff (i + 1) * chunk_size <= t; with ``doc_start``
-    (B, T, C) and also i * chunk_size >= doc_start[b, t]."""
-    t = torch.arange(T, device=device)[:, None]
+    (B, T, C) and also i * chunk_size >= doc_start[b, t]. Query row r sits at position
+    ``query_start + r`` (incremental inference reads a segment against all earlier chunks)."""
+    t = torch.arange(query_start, query_start + T, device=device)[:, None]
     i = torch.arange(C, device=device)[None, :]
     visible = (i + 1) * chunk_size <= t
     if doc_start is None:
@@ -26,11 +27,11 @@ def visible_chunks(T: int, C: int, chunk_size: int, device: torch.device,
 
 
 def retrieval_scores(q_slc: torch.Tensor, landmarks: torch.Tensor, chunk_size: int,
-                     doc_start: torch.Tensor | None = None) -> torch.Tensor:
+                     doc_start: torch.Tensor | None = None, query_start: int = 0) -> torch.Tensor:
     """s[t, i] = <q_slc[t], lmk[i]> / sqrt(Dr) in float32 (float64 stays), -inf where not visible."""
     dtype = torch.float64 if q_slc.dtype == torch.float64 else torch.float32
     s = torch.einsum("bthd,bchd->bthc", q_slc.to(dtype), landmarks.to(dtype)) / math.sqrt(q_slc.shape[-1])
-    mask = visible_chunks(q_slc.shape[1], landmarks.shape[1], chunk_size, q_slc.device, doc_start)
+    mask = visible_chunks(q_slc.shape[1], landmarks.shape[1], chunk_size, q_slc.device, doc_start, query_start)
     mask = mask[None, :, None, :] if doc_start is None else mask[:, :, None, :]
     return s.masked_fill(~mask, float("-inf"))
 

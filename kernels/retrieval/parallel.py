@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hsa_lightning.kernels.hsa.parallel import _pow2, chunk_csr, common_dtype
+from hsa_lightning.kernels.hsa.parallel import _pow2, chunk_csr, common_dtype, inner_contiguous
 
 TOKENS_PER_BLOCK = 64
 
@@ -34,7 +34,7 @@ def _sortable(bits):
 def _retrieval_fwd_kernel(
     QS, LMK, IDX, SEL,
     sqb, sqt, sqh, slb, slc, slh, sob, sot, soh,
-    T, C, HKV, scale,
+    T, T0, C, HKV, scale,
     S: tl.constexpr, DR: tl.constexpr, BT: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -45,10 +45,10 @@ def _retrieval_fwd_kernel(
     dr = tl.arange(0, DR)
     q = tl.load(QS + b.to(tl.int64) * sqb + t.to(tl.int64)[:, None] * sqt + h * sqh + dr[None, :],
                 mask=t_ok[:, None], other=0.0)
-    n_vis = t // S
+    n_vis = (T0 + t) // S  # query row t sits at position T0 + t
     lowest = tl.full((BT, N), -9223372036854775807 - 1, dtype=tl.int64)
     top = lowest
-    last_visible = tl.minimum((pid_t * BT + BT - 1) // S, C)  # chunks [0, last_visible) matter here
+    last_visible = tl.minimum((T0 + pid_t * BT + BT - 1) // S, C)  # chunks [0, last_visible) matter here
     j = tl.arange(0, N)
     for c0 in range(0, last_visible, N):
         c = c0 + j
@@ -133,9 +133,11 @@ def _check(q_slc, landmarks):
         raise ValueError(f"the fused retrieval needs a per-head retrieval width that is a power of two >= 16, got {dr}")
 
 
-def _forward(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int):
+def _forward(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int, query_start: int = 0):
     _check(q_slc, landmarks)
-    q_slc, landmarks = q_slc.contiguous(), landmarks.contiguous()
+    # strided views are fine (an inference cache's landmarks are a prefix of a larger buffer); only the
+    # innermost dimension must be dense
+    q_slc, landmarks = inner_contiguous(q_slc), inner_contiguous(landmarks)
     B, T, H, DR = q_slc.shape
     C = landmarks.shape[1]
     K = min(top_k, C)
@@ -146,9 +148,10 @@ def _forward(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_siz
         q_slc.stride(0), q_slc.stride(1), q_slc.stride(2),
         landmarks.stride(0), landmarks.stride(1), landmarks.stride(2),
         idx.stride(0), idx.stride(1), idx.stride(2),
-        T, C, H, 1.0 / math.sqrt(DR), S=chunk_size, DR=DR, BT=TOKENS_PER_BLOCK, N=max(16, _pow2(K)), K=K,
+        T, query_start, C, H, 1.0 / math.sqrt(DR), S=chunk_size, DR=DR, BT=TOKENS_PER_BLOCK, N=max(16, _pow2(K)), K=K,
     )
-    valid = torch.arange(K, device=idx.device) < (torch.arange(T, device=idx.device) // chunk_size)[:, None]
+    positions = torch.arange(query_start, query_start + T, device=idx.device)
+    valid = torch.arange(K, device=idx.device) < (positions // chunk_size)[:, None]
     return idx, valid.expand(B, H, T, K).permute(0, 2, 1, 3).contiguous(), sel
 
 
@@ -180,13 +183,13 @@ def _backward(dsel, q_slc, landmarks, idx, valid):
 
 # -- a custom op with a fake implementation, so torch.compile treats it as opaque --------------------
 @torch.library.custom_op("hsa_lightning::select_chunks", mutates_args=())
-def _select_op(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int,
-               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(q_slc, landmarks, top_k, chunk_size)
+def _select_op(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int,
+               query_start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(q_slc, landmarks, top_k, chunk_size, query_start)
 
 
 @_select_op.register_fake
-def _(q_slc, landmarks, top_k, chunk_size):
+def _(q_slc, landmarks, top_k, chunk_size, query_start):
     B, T, H, _ = q_slc.shape
     shape = (B, T, H, min(top_k, landmarks.shape[1]))
     return (q_slc.new_empty(shape, dtype=torch.int64), q_slc.new_empty(shape, dtype=torch.bool),
@@ -205,7 +208,9 @@ def _(dsel, q_slc, landmarks, idx, valid):
 
 
 def _setup_context(ctx, inputs, output):
-    q_slc, landmarks, _, _ = inputs
+    q_slc, landmarks, _, _, query_start = inputs
+    if query_start:
+        raise NotImplementedError("the fused retrieval has no backward for query_start > 0 (inference only)")
     idx, valid, _ = output
     ctx.save_for_backward(q_slc, landmarks, idx, valid)
     ctx.mark_non_differentiable(idx, valid)
@@ -214,14 +219,16 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, _didx, _dvalid, dsel):
     q_slc, landmarks, idx, valid = ctx.saved_tensors
     dq, dl = _select_backward_op(dsel, q_slc, landmarks, idx, valid)
-    return dq, dl, None, None
+    return dq, dl, None, None, None
 
 
 _select_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def select_chunks_fused(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int):
+def select_chunks_fused(q_slc: torch.Tensor, landmarks: torch.Tensor, top_k: int, chunk_size: int,
+                        query_start: int = 0):
     """(indices, valid, selected_scores), each (B, T, Hkv, min(top_k, C)); equal to
-    ``select_chunks(retrieval_scores(...))`` plus the gathered scores, differentiable in the scores."""
+    ``select_chunks(retrieval_scores(..., query_start=query_start))`` plus the gathered scores,
+    differentiable in the scores when ``query_start`` is 0."""
     q_slc, landmarks = common_dtype(q_slc, landmarks)
-    return _select_op(q_slc, landmarks, top_k, chunk_size)
+    return _select_op(q_slc, landmarks, top_k, chunk_size, query_start)

@@ -24,6 +24,7 @@ _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 class Flash(AttentionBackend):
     needs_retrieval = False
     masks_documents = True
+    incremental = True
 
     def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         window: Optional[int], doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -37,9 +38,9 @@ class Flash(AttentionBackend):
             return super().local_attention(q, k, v, window, doc_start)
 
     def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Optional[Selection],
-                         doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         doc_start: Optional[torch.Tensor] = None, query_start: int = 0) -> torch.Tensor:
         T, Lm, S = q.shape[1], memory.k.shape[1], memory.chunk_size
-        t = torch.arange(T, device=q.device)
+        t = torch.arange(query_start, query_start + T, device=q.device)
         j = torch.arange(Lm, device=q.device)
         visible_until = (t // S) * S  # keys [0, visible_until) are complete past chunks
         mask = j[None, :] < visible_until[:, None]  # (T, Lm)

@@ -12,9 +12,10 @@ class HSAReference(AttentionBackend):
 
     aliases = ("reference",)
     masks_documents = True  # the default local attention and retrieval take doc_start
+    incremental = True  # positions live in the selection, so query_start needs nothing here
 
     def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection,
-                         doc_start: torch.Tensor | None = None) -> torch.Tensor:
+                         doc_start: torch.Tensor | None = None, query_start: int = 0) -> torch.Tensor:
         # documents are already respected: the selection holds no chunk of another document
         if selection.joint:
             return joint_chunk_attention_reference(

@@ -31,6 +31,7 @@ class HSATriton(AttentionBackend):
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
     fusions = frozenset({"softmax", "stick_breaking"})
     masks_documents = True
+    incremental = True
 
     def check_runtime(self, device: torch.device, dtype: torch.dtype) -> None:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -50,20 +51,22 @@ class HSATriton(AttentionBackend):
         with prefer_fused_sdpa(q):
             return super().local_attention(q, k, v, window, doc_start)
 
-    def select(self, q_slc, landmarks, top_k, chunk_size, gumbel, doc_start=None):
+    def select(self, q_slc, landmarks, top_k, chunk_size, gumbel, doc_start=None, query_start=0):
+        from hsa_lightning.kernels.retrieval.parallel import TOKENS_PER_BLOCK, select_chunks_fused
+
         dr = q_slc.shape[-1]
         # Noise, document masks, odd widths and wide top-k x width (a curriculum's "all chunks", whose
         # kernel tile would not fit in shared memory) take the reference path, exact and cheap at the
-        # short lengths where they occur.
+        # short lengths where they occur. So do a few queries (decode): the fused kernel would scan every
+        # landmark in one program per head, while the reference is a batched matrix-vector + top-k.
         wide = min(top_k, landmarks.shape[1]) * dr > MAX_FUSED_TOPK_X_WIDTH
-        if gumbel or doc_start is not None or dr < 16 or dr & (dr - 1) or wide:
-            return super().select(q_slc, landmarks, top_k, chunk_size, gumbel, doc_start)
-        from hsa_lightning.kernels.retrieval.parallel import select_chunks_fused
-
-        return select_chunks_fused(q_slc, landmarks, top_k, chunk_size)
+        few = q_slc.shape[1] < TOKENS_PER_BLOCK
+        if gumbel or doc_start is not None or dr < 16 or dr & (dr - 1) or wide or few:
+            return super().select(q_slc, landmarks, top_k, chunk_size, gumbel, doc_start, query_start)
+        return select_chunks_fused(q_slc, landmarks, top_k, chunk_size, query_start)
 
     def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection,
-                         doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         doc_start: Optional[torch.Tensor] = None, query_start: int = 0) -> torch.Tensor:
         from hsa_lightning.kernels.hsa.parallel import hsa_attention
 
         if selection.joint:
