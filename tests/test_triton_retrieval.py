@@ -56,3 +56,18 @@ def test_hsa_triton_select_routes_wide_selections_to_the_reference(wide, monkeyp
     assert bool(calls) == wide
     assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
     torch.testing.assert_close(sel[valid], ref_sel[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("query_start,T", [(37, 70), (300, 64)])
+def test_fused_selection_with_query_start_equals_reference(query_start, T):
+    """Inference reads a segment (rows at positions query_start..) against every earlier chunk."""
+    g = torch.Generator().manual_seed(query_start)
+    S, K = 16, 5
+    C = (query_start + T) // S + 1
+    q = torch.randn(1, T, 2, 16, generator=g)
+    lmk = torch.randn(1, C, 2, 16, generator=g)
+    idx, valid, sel = select_chunks_fused(q, lmk, K, S, query_start)
+    scores = retrieval_scores(q, lmk, S, query_start=query_start)
+    ref_idx, ref_valid = select_chunks(scores, K)
+    assert torch.equal(idx, ref_idx) and torch.equal(valid, ref_valid)
+    torch.testing.assert_close(sel[valid], torch.gather(scores, -1, ref_idx)[valid], rtol=1e-5, atol=1e-5)

@@ -52,7 +52,7 @@ class ChunkStore:
                                  f"chunk {last} does not fit")
         self.landmarks[:, first:last] = memory.landmarks
         if self.offload:
-            kv = torch.stack([memory.k, memory.v], 2).unflatten(1, (n, S))  # (B, n, 2, S, Hkv, D)
+            kv = torch.stack([memory.k.unflatten(1, (n, S)), memory.v.unflatten(1, (n, S))], 2)  # (B, n, 2, S, Hkv, D)
             self.kv[:, first:last].copy_(kv)
         else:
             self.k[:, first * S:last * S], self.v[:, first * S:last * S] = memory.k, memory.v
