@@ -30,8 +30,14 @@ class HSALightningCLI(LightningCLI):
 
 
 def main(args=None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
     try:
-        HSALightningCLI(args=args)
+        if argv[:1] == ["generate"]:  # not a Trainer method, so not a LightningCLI subcommand
+            from hsa_lightning.inference.cli import main as generate
+
+            generate(argv[1:])
+        else:
+            HSALightningCLI(args=args)
     except Exception as exc:
         cause = _user_error(exc)
         if cause is None:

@@ -14,17 +14,26 @@ import yaml
 from hsa_lightning.errors import ConfigError, PluginError
 
 
-def count(config_path: str) -> tuple[int, int]:
+def lit_module(config_path: str):
+    """The HSALitModule of a training YAML's ``model:`` section (plugins built, no model allocated yet)."""
     from hsa_lightning.lit.module import HSALitModule
-    from hsa_lightning.model.hsalm import HSALM
     from hsa_lightning.registry import load_plugins
 
     load_plugins()
-    with open(config_path) as f:
-        spec = (yaml.safe_load(f) or {}).get("model")
+    try:
+        with open(config_path) as f:
+            spec = (yaml.safe_load(f) or {}).get("model")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{config_path}: not readable YAML ({e})") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"{config_path}: no 'model:' section")
-    m = HSALitModule(**spec)  # validates the config and builds the plugins
+    return HSALitModule(**spec)  # validates the config and builds the plugins
+
+
+def count(config_path: str) -> tuple[int, int]:
+    from hsa_lightning.model.hsalm import HSALM
+
+    m = lit_module(config_path)
     with torch.device("meta"):  # shapes only, no memory
         model = HSALM(m.config, m.attention, m.layout, m.position, m.ffn)
     return model.num_parameters(), model.num_parameters(active=True)

@@ -38,6 +38,32 @@ def test_fit_validate_test_on_the_tiny_config(tmp_path):
             assert abs(float(row[key]) - val[-1]) < 1e-4
         else:
             assert float(row[key]) < train[0] - 0.5
+    check_generate(ckpt, tmp_path)
+
+
+def check_generate(ckpt, tmp_path):
+    """`cli.py generate` continues a prompt exactly as greedy decoding of the full forward does."""
+    import torch
+
+    from hsa_lightning.data.tokenizer import ByteTokenizer
+    from hsa_lightning.inference.cli import load_model
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The special magic number for long-context is: 1234. " * 3, encoding="utf-8")
+    args = ["generate", "--config", str(ROOT / "configs/tiny.yaml"), "--ckpt_path", str(ckpt),
+            "--max_new_tokens", "16", "--device", "cpu"]
+    res = run_cli([*args, "--prompt_file", str(prompt)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[generate] prompt 156 tokens, 16 new tokens" in res.stderr
+    model = load_model(str(ROOT / "configs/tiny.yaml"), str(ckpt), torch.device("cpu"), torch.float32)
+    tok = ByteTokenizer()
+    seq = torch.tensor([tok.encode(prompt.read_text())])
+    with torch.no_grad():
+        for _ in range(16):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert res.stdout == tok.decode(seq[0, 156:].tolist()) + "\n"
+    missing = run_cli([*args, "--prompt_file", str(tmp_path / "nope.txt")], tmp_path)
+    assert missing.returncode == 2 and f"error: --prompt_file '{tmp_path / 'nope.txt'}' is not a file" in missing.stderr
 
 
 @pytest.mark.slow
