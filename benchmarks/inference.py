@@ -71,6 +71,10 @@ def main() -> None:
     warm.prefill(ids, last=1), warm.reset(), warm.token_nll(ids), decode_ms(warm, 2)
     del warm
 
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": str(date.today()), "dtype": "bfloat16", "config": args.config, "parameters": n_params,
+            "segment_len": args.segment_len, "batch": 1,
+            "command": "python -m benchmarks.inference " + " ".join(f"--{k} {v}" for k, v in vars(args).items())}
     rows = []
     for L in sorted(set(lengths) | decode_lengths):
         ids = torch.randint(0, vocab, (1, L), device=device, generator=gen)
@@ -99,17 +103,13 @@ def main() -> None:
         torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": str(date.today()), "dtype": "bfloat16", "config": args.config, "parameters": n_params,
-            "segment_len": args.segment_len, "batch": 1,
-            "command": "python -m benchmarks.inference " + " ".join(f"--{k} {v}" for k, v in vars(args).items())}
+        with open(args.out, "w") as f:  # after every row, so a cut-off run keeps what it measured
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
     print(json.dumps(meta))
     keys = list(dict.fromkeys(k for r in rows for k in r))
     print("\n| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -87,11 +87,11 @@ class HSALitModule(L.LightningModule):
         self.attention.check_runtime(device, self._compute_dtype())
         self.model = HSALM(self.config, self.attention, self.layout, self.position, self.ffn)
         if self.hparams.init_weights:
-            self._load_weights(self.hparams.init_weights)
+            self.load_weights(self.hparams.init_weights)
         total, active = self.model.num_parameters(), self.model.num_parameters(active=True)
         rank_zero_info(f"HSALM: {total / 1e6:,.1f}M parameters, {active / 1e6:,.1f}M active per token")
 
-    def _load_weights(self, path: str) -> None:
+    def load_weights(self, path: str) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         except (OSError, KeyError) as e:
