@@ -8,6 +8,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from hsa_lightning.errors import ConfigError, PluginError
+from hsa_lightning.eval.datamodule import LengthEvalData  # noqa: F401  (found by short name)
+from hsa_lightning.eval.evaluator import LengthEval  # noqa: F401
 from hsa_lightning.lit.curriculum_callback import Curriculum  # noqa: F401  (found by short name)
 from hsa_lightning.lit.module import HSALitModule
 from hsa_lightning.lit.streaming_datamodule import StreamingDataModule  # noqa: F401  (found by short name)

@@ -214,3 +214,11 @@ def test_inference_engine_on_cuda_matches_the_full_forward_and_offload_is_identi
     assert torch.equal(off.prefill(x, last=None), e.prefill(x, last=None))
     tok = x[:, 0]
     assert torch.equal(off.step(tok), e.step(tok))
+    # decode never waits on the host, also when a chunk completes (70 steps cross a chunk boundary)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(70):
+            tok = e.step(tok).argmax(-1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

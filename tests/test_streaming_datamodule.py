@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from hsa_lightning.data.shards import write_shards
-from hsa_lightning.data.tasks import VT_HEAD
 from hsa_lightning.data.tokenizer import ByteTokenizer, train_bpe
 from hsa_lightning.errors import ConfigError
 from hsa_lightning.lit.streaming_datamodule import StreamingDataModule, cut_blocks, inject_tasks
@@ -107,13 +106,9 @@ def test_synthetic_share_and_samples(tmp_path):
             assert torch.equal(out[row], seqs[row])
             continue
         text_out = TOK.decode(out[row].tolist())
-        starts = {"s_niah": "A special magic number is hidden", "mq_niah": "Some special magic numbers are hidden",
-                  "vt": VT_HEAD}
-        assert text_out.startswith(starts[task])
-        if task != "vt":  # the answer at the end lists each needle's value, each needle present once
-            values = text_out.rstrip(".").split(" are ")[-1].split(" is ")[-1].split(", ")
-            assert len(values) == (1 if task == "s_niah" else 4)
-            assert all(text_out.count(f"is: {v}.") == 1 for v in values)
+        questions = {"s_niah": "What is the special magic number for long-context", "vt": "Find all variables",
+                     "mq_niah": "What are all the special magic numbers for"}
+        assert questions[task] in text_out and not torch.equal(out[row], seqs[row])
 
 
 def test_resume_mid_epoch_one_process(tmp_path):
@@ -164,7 +159,7 @@ def test_bad_configuration_errors(tmp_path):
         StreamingDataModule(train=str(folder), seq_len=64, tokens_per_batch=100)
     with pytest.raises(ConfigError, match=r"data seq_len=128 is too short for synthetic task 's_niah'"):
         StreamingDataModule(train=str(folder), seq_len=128, tokens_per_batch=128).setup("fit")
-    with pytest.raises(ConfigError, match=r"data synthetic_tasks=\['niah'\]: choose from s_niah, mq_niah, vt"):
+    with pytest.raises(ConfigError, match=r"data synthetic_tasks=\['niah'\]: choose from s_niah, mq_niah, mv_niah, vt, passkey, niah_single_2"):
         StreamingDataModule(train=str(folder), synthetic_tasks=["niah"])
 
     bpe = train_bpe(iter(prose(50)), 300, tmp_path / "tok.json")

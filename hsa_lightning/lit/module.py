@@ -160,6 +160,8 @@ class HSALitModule(L.LightningModule):
         self._eval_step("val", batch)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if "eval_kind" in batch:  # a LengthEvalData sample: the LengthEval callback scores it
+            return
         self._eval_step("test", batch)
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
@@ -178,6 +180,8 @@ class HSALitModule(L.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, stage: str) -> None:
+        if stage not in self._metrics:  # no language-model batches (a LengthEvalData run)
+            return
         metric = self._metric(stage)
         loss = metric.compute()  # token-weighted mean NLL, synced across ranks by torchmetrics
         metric.reset()

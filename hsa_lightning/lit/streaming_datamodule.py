@@ -66,7 +66,9 @@ class StreamingDataModule(L.LightningDataModule):
             tokens_per_batch: tokens per step on each device; a multiple of ``block_len``.
             tokenizer: ``byte`` or a ``tokenizer.json``; must be the one the shards were written with.
             synthetic_share: share of training sequences replaced by a synthetic retrieval task.
-            synthetic_tasks: which tasks (``s_niah``, ``mq_niah``, ``vt``), drawn uniformly.
+            synthetic_tasks: which tasks, drawn uniformly: the paper's token-space ``s_niah``, ``mq_niah``,
+                ``mv_niah``, ``vt``, ``passkey`` or RULER's text ``niah_single_2``, ``niah_multiquery``,
+                ``niah_multivalue``, ``ruler_vt`` (``hsa_lightning/data/tasks.py``).
             mask_documents: keep attention and retrieval inside documents (batches carry ``doc_start``).
         """
         super().__init__()

@@ -1,0 +1,184 @@
+"""Tables and plots of the evaluation suite; ``python -m hsa_lightning.eval.report`` overlays several runs.
+
+    python -m hsa_lightning.eval.report runs/eval/ultralong runs/eval/dense runs/eval/swa -o runs/eval/compare
+
+draws every task's accuracy (``compare_accuracy.png``) and the perplexity (``compare_perplexity.png``) of
+each run (its ``results.json``) against length on shared plots, labelled by folder name, and writes
+``compare.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from hsa_lightning.eval.scoring import mean_interval, wilson_interval
+
+
+def summarise(totals: dict, cells: list, generation: bool) -> list[dict]:
+    """One row per cell from its summed metrics."""
+    rows = []
+    for cell in cells:
+        t = totals[cell]
+        n = int(t["n"])
+        row = {"task": cell.task, "length": cell.length, "depth": cell.depth, "n": n}
+        if cell.task == "perplexity":
+            row.update(nll=t["nll"] / max(t["tokens"], 1), last_nll=t["last_nll"] / max(t["last_tokens"], 1))
+            row.update(ppl=math.exp(row["nll"]), last_ppl=math.exp(row["last_nll"]))
+        else:
+            row.update(tf_correct=int(t["tf"]), tf_acc=t["tf"] / max(n, 1), tf_ci=list(wilson_interval(t["tf"], n)))
+            if generation:
+                row.update(string_match=t["gen"] / max(n, 1), string_match_ci=list(mean_interval(t["gen"], t["gen_sq"], n)))
+        rows.append(row)
+    return rows
+
+
+def by_task_length(rows: list[dict]) -> dict:
+    """Retrieval rows merged over depths: {(task, length): (correct, n, string-match sum)}."""
+    out: dict = {}
+    for r in rows:
+        if r["task"] == "perplexity":
+            continue
+        c, n, g = out.get((r["task"], r["length"]), (0, 0, 0.0))
+        out[(r["task"], r["length"])] = (c + r["tf_correct"], n + r["n"], g + r.get("string_match", 0.0) * r["n"])
+    return out
+
+
+def markdown(rows: list[dict], with_generation: bool) -> str:
+    merged = by_task_length(rows)
+    lengths = sorted({length for _, length in merged})
+    tasks = list(dict.fromkeys(t for t, _ in merged))
+    lines = ["Teacher-forced exact match of every answer token, % [95% Wilson interval] (n)"
+             + ("; below it RULER string_match_all on greedy generations, %." if with_generation else "."), "",
+             "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for t in tasks:
+        cells = []
+        for n in lengths:
+            c, k, _ = merged.get((t, n), (0, 0, 0.0))
+            lo, hi = wilson_interval(c, k)
+            cells.append(f"{100 * c / k:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] ({k})" if k else "")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        if with_generation:
+            gen = [f"{100 * merged[(t, n)][2] / merged[(t, n)][1]:.1f}" if (t, n) in merged else "" for n in lengths]
+            lines.append(f"| {t} (generation) | " + " | ".join(gen) + " |")
+    ppl = [r for r in rows if r["task"] == "perplexity"]
+    if ppl:
+        lines += ["", "Held-out perplexity and last-window loss", "", "| length | n | perplexity | mean NLL | last-window NLL |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['length']:,} | {r['n']} | {r['ppl']:.2f} | {r['nll']:.4f} | {r['last_nll']:.4f} |" for r in ppl]
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def heatmap(rows: list[dict], task: str, path: Path) -> None:
+    """Depth (rows, 0% at the top) x length (columns) teacher-forced accuracy, like the paper's Figure 4."""
+    plt = _pyplot()
+    cells = [r for r in rows if r["task"] == task and r["depth"] >= 0]
+    depths = sorted({r["depth"] for r in cells})
+    lengths = sorted({r["length"] for r in cells})
+    grid = [[next((100 * r["tf_acc"] for r in cells if r["depth"] == d and r["length"] == n), float("nan"))
+             for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.45 * len(depths)))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(f"{task}: teacher-forced accuracy (%)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def curves(runs: dict[str, list[dict]], path: Path, perplexity: bool) -> None:
+    """Against length, one line per run: every task's teacher-forced accuracy, or (``perplexity``) the
+    held-out perplexity and the last-window NLL."""
+    plt = _pyplot()
+    if perplexity:
+        titles = ["perplexity", "last-window NLL"]
+    else:
+        titles = list(dict.fromkeys(t for rows in runs.values() for t, _ in by_task_length(rows)))
+    fig, axes = plt.subplots(1, len(titles), figsize=(4 * len(titles), 3.4), squeeze=False)
+    axes = axes[0]
+    for name, rows in runs.items():
+        if perplexity:
+            pts = sorted((r["length"], r["ppl"], r["last_nll"]) for r in rows if r["task"] == "perplexity")
+            series = [[(n, p) for n, p, _ in pts], [(n, q) for n, _, q in pts]]
+        else:
+            merged = by_task_length(rows)
+            series = [sorted((n, 100 * c / k) for (t, n), (c, k, _) in merged.items() if t == task and k)
+                      for task in titles]
+        for ax, pts in zip(axes, series):
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+    for ax, title in zip(axes, titles):
+        ax.set_title(title if perplexity else f"{title} (teacher-forced %)")
+        if not perplexity:
+            ax.set_ylim(-2, 102)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(folder: Path, rows: list[dict], settings) -> None:
+    """results.json, results.md, accuracy.png, a heatmap per depth task and (with perplexity cells)
+    perplexity.png into ``folder``."""
+    with_generation = any("string_match" in r for r in rows)
+    (folder / "results.json").write_text(json.dumps({"settings": dict(settings), "cells": rows}, indent=1) + "\n")
+    (folder / "results.md").write_text(markdown(rows, with_generation))
+    for task in sorted({r["task"] for r in rows if r["depth"] >= 0}):
+        heatmap(rows, task, folder / f"heatmap_{task}.png")
+    if any(r["task"] != "perplexity" for r in rows):
+        curves({folder.name: rows}, folder / "accuracy.png", perplexity=False)
+    if any(r["task"] == "perplexity" for r in rows):
+        curves({folder.name: rows}, folder / "perplexity.png", perplexity=True)
+
+
+def _short(n: int) -> str:
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hsa_lightning.eval.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="output folders of LengthEval runs")
+    p.add_argument("-o", "--output", required=True, help="folder for compare.png and compare.md")
+    args = p.parse_args(argv)
+    runs = {}
+    for run in args.runs:
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            print(f"error: {path} not found (is {run!r} a LengthEval output folder?)", file=sys.stderr)
+            return 2
+        runs[Path(run).name] = json.loads(path.read_text())["cells"]
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    curves(runs, out / "compare_accuracy.png", perplexity=False)
+    if any(r["task"] == "perplexity" for rows in runs.values() for r in rows):
+        curves(runs, out / "compare_perplexity.png", perplexity=True)
+    (out / "compare.md").write_text("\n".join(f"## {name}\n\n{markdown(rows, False)}" for name, rows in runs.items()))
+    print(f"wrote compare_accuracy.png, compare_perplexity.png (with perplexity cells) and compare.md to {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
