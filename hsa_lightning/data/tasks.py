@@ -53,6 +53,7 @@ class TaskSample:
     answer_end: int
     answers: list[str]  # reference strings (each must appear in a correct generation)
     needle_starts: list[int]  # token offset of every needle
+    needle_ends: list[int]  # one past its last token
 
 
 def _join_keys(keys: list[str]) -> str:
@@ -93,7 +94,8 @@ def _assemble(task: str, tok: Tokenizer, haystack: np.ndarray, length: int, rng:
     context, starts = _insert(hay, needles, depths, tok.sentence_ends)
     tokens = np.concatenate([head, context, question, answer]).astype(np.int64)
     starts = [st + len(head) for st in starts]
-    return TaskSample(task, tokens, length - len(answer), length, answers, starts)
+    ends = [st + len(n) for st, n in zip(starts, needles)]
+    return TaskSample(task, tokens, length - len(answer), length, answers, starts, ends)
 
 
 def _text(task: str, tok: Tokenizer, haystack: np.ndarray, length: int, rng: np.random.Generator, head: str,

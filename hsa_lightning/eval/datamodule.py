@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hsa_lightning.data.tasks import TASKS
 from hsa_lightning.errors import ConfigError
@@ -42,8 +42,19 @@ class _Samples(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            return {"eval_kind": "skip", "input_ids": torch.zeros(1, dtype=torch.int64)}
         cell, i = self.items[index]
         return self.data.sample(cell, i)
+
+
+class _EvenShards(DistributedSampler):
+    """Rank r reads items r, r + world, ...; ranks short of the longest get -1 (a no-op sample), so DDP
+    sees equal step counts and nothing is scored twice (the default sampler repeats items instead)."""
+
+    def __iter__(self):
+        own = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(own + [-1] * (self.num_samples - len(own)))
 
 
 def _first(batch: list[dict]) -> dict:
@@ -170,5 +181,10 @@ class LengthEvalData(L.LightningDataModule):
                 "answer_end": s.answer_end, "answers": s.answers, "needle_starts": s.needle_starts}
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(_Samples(self), batch_size=1, shuffle=False, collate_fn=_first,
+        samples = _Samples(self)
+        trainer = self.trainer
+        sampler = None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = _EvenShards(samples, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+        return DataLoader(samples, batch_size=1, sampler=sampler, collate_fn=_first,
                           num_workers=self.hparams.num_workers)

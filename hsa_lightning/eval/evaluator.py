@@ -67,6 +67,8 @@ class LengthEval(Callback):
         self._cell, self._cell_time = None, time.perf_counter()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch["eval_kind"] == "skip":  # padding that keeps the ranks' step counts equal
+            return
         cell = Cell(batch["task"], batch["length"], batch["depth"])
         if cell != self._cell:
             self._announce(trainer)

@@ -1,0 +1,184 @@
+"""The evaluation suite: task generators, scorers, intervals, and end-to-end runs of `cli.py test`."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from hsa_lightning.data.synthetic import Haystack
+from hsa_lightning.data.tasks import TASKS
+from hsa_lightning.data.tokenizer import ByteTokenizer
+from hsa_lightning.errors import ConfigError
+from hsa_lightning.eval.datamodule import LengthEvalData
+from hsa_lightning.eval.scoring import (mean_interval, string_match_all, string_match_part, teacher_forced_correct,
+                                        wilson_interval)
+
+TOK = ByteTokenizer()
+HAY = np.asarray(TOK.encode(Haystack(0).text(np.random.default_rng(1), 20_000)), dtype=np.int64)
+
+
+def sample(task, length=3000, seed=0, depth=None):
+    return TASKS[task](TOK, HAY, length, np.random.default_rng(seed), depth=depth)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_is_exact_length_with_each_needle_once_and_the_answer_at_the_end(task):
+    for seed in range(5):
+        s = sample(task, seed=seed)
+        assert len(s.tokens) == 3000 and s.answer_end == 3000
+        text = TOK.decode(s.tokens.tolist())
+        answer = TOK.decode(s.tokens[s.answer_start:].tolist())
+        assert all(a in answer for a in s.answers)
+        # every answer is stated in the context before the question
+        context = TOK.decode(s.tokens[: s.answer_start].tolist())
+        for a in s.answers:
+            assert context.count(a) >= 1
+        for start, end in zip(s.needle_starts, s.needle_ends):  # needles sit where the sample says, each once
+            assert text.count(TOK.decode(s.tokens[start:end].tolist())) == 1
+
+
+def test_paper_tasks_answers_are_derivable_from_their_needles():
+    s = sample("s_niah", seed=3)
+    key = s.tokens[s.answer_start:].tolist()
+    assert len(key) == 7 and all(100 <= k < 256 for k in key)
+    needle = TOK.encode(" |One of the special magic numbers for long-context is:") + key + TOK.encode("|")
+    hits = [i for i in range(len(s.tokens)) if s.tokens[i:i + len(needle)].tolist() == needle]
+    assert hits == s.needle_starts  # the key appears in exactly one needle
+    text = TOK.decode(sample("mq_niah", seed=4).tokens.tolist())
+    pairs = dict(re.findall(r"\| One of the special magic numbers for ([A-Z]{5}) is (\d{6})\.\|", text))
+    assert len(pairs) == 6
+    keys = re.search(r"numbers for ([A-Z]{5}) and ([A-Z]{5}) mentioned", text).groups()
+    assert text.endswith("Answer: " + " ".join(pairs[k] for k in keys))
+    text = TOK.decode(sample("mv_niah", seed=5).tokens.tolist())
+    found = re.findall(r"\| One of the special magic numbers for ([A-Z]{5}) is (\d{6})\.\|", text)
+    assert len({k for k, _ in found}) == 1 and text.endswith("Answer: " + " ".join(v for _, v in found))
+    text = TOK.decode(sample("vt", seed=6).tokens.tolist())
+    value = re.search(r"assigned the value (\d{8})\. Answer:", text).group(1)
+    assign = dict((b, a) for b, a in re.findall(r"\|VAR ([A-Z]{5}) = ([A-Z0-9]+)\|", text))
+    assert len(assign) == 6
+    chain = [n for n in assign if assign[n] == value]
+    while len(chain) < 3:
+        chain += [n for n in assign if assign[n] == chain[-1]]
+    assert text.endswith("Answer: " + ", ".join(chain))
+    text = TOK.decode(sample("passkey", seed=7).tokens.tolist())
+    key = re.search(r"The pass key is (\d+)\. Remember it\. \1 is the pass key", text).group(1)
+    assert text.endswith(f"The pass key is {key}")
+
+
+def test_depth_places_the_needle_and_rejects_multi_needle_tasks():
+    starts = []
+    for depth in (0.0, 0.25, 0.5, 0.75, 1.0):
+        s = sample("s_niah", length=4000, seed=1, depth=depth)
+        context_len = s.answer_start - len(TOK.encode(" What is the special magic number for long-context mentioned "
+                                                      "in the provided text? Answer: "))
+        starts.append(s.needle_starts[0] / context_len)
+    assert starts[0] == 0.0 and starts[-1] > 0.97
+    assert all(abs(got - want) < 0.04 for got, want in zip(starts, (0.0, 0.25, 0.5, 0.75, 1.0)))  # within a sentence
+    with pytest.raises(ValueError, match=r"task 'mq_niah': depth=0.5 needs a single-needle task"):
+        sample("mq_niah", depth=0.5)
+
+
+def test_ruler_string_match_rules():
+    assert string_match_all("The numbers are 123 and 456.", ["123", "456"]) == 1.0
+    assert string_match_all("The numbers are 123 and 457.", ["123", "456"]) == 0.5
+    assert string_match_all("  ABC-def\x01 ", ["abc-DEF"]) == 1.0  # case-insensitive, stripped
+    assert string_match_all("12345", ["234"]) == 1.0  # substring containment, as RULER scores
+    assert string_match_all("a\x00b", ["a\nb"]) == 1.0  # control characters become newlines
+    assert string_match_part("only 456", ["123", "456"]) == 1.0 and string_match_part("none", ["1"]) == 0.0
+    import torch
+
+    logits = torch.full((3, 10), -1.0)
+    logits[[0, 1, 2], [4, 5, 6]] = 1.0
+    assert teacher_forced_correct(logits, torch.tensor([4, 5, 6]))
+    assert not teacher_forced_correct(logits, torch.tensor([4, 5, 7]))  # every answer token must match
+
+
+def test_interval_maths():
+    lo, hi = wilson_interval(0, 4)
+    assert lo == 0.0 and abs(hi - 0.4899) < 1e-4  # z^2 / (n + z^2)
+    lo, hi = wilson_interval(9, 10)
+    assert abs(lo - 0.5958) < 1e-4 and abs(hi - 0.9821) < 1e-4
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = mean_interval(5.0, 5.0, 10)  # five 1s and five 0s: mean 0.5, sd 0.527
+    assert abs(lo - (0.5 - 1.96 * 0.5270 / 10**0.5)) < 1e-3 and abs(hi - (0.5 + 1.96 * 0.5270 / 10**0.5)) < 1e-3
+    assert mean_interval(10.0, 10.0, 10) == (1.0, 1.0)
+
+
+def test_eval_data_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"data tasks=\['s_niah', 'nope'\]: unknown \['nope'\]; choose from s_niah"):
+        LengthEvalData(tasks=["s_niah", "nope"])
+    with pytest.raises(ConfigError, match=r"data depth_tasks=\['vt'\]: \['vt'\] not in tasks=\['s_niah'\]"):
+        LengthEvalData(tasks=["s_niah"], depth_tasks=["vt"])
+    with pytest.raises(ConfigError, match=r"data ppl_lengths=\[1024\] needs a ppl_corpus"):
+        LengthEvalData(ppl_lengths=[1024])
+    with pytest.raises(ConfigError, match=r"data depths=\[0, 120\]: depths are percentages within \[0, 100\]"):
+        LengthEvalData(depths=[0, 120])
+    data = LengthEvalData(tasks=["niah_single_2"], depth_tasks=[], lengths=[256])
+    with pytest.raises(ConfigError, match=r"data lengths: task 'niah_single_2' takes \d+ tokens before any haystack"):
+        data.setup("test")
+
+
+def test_samples_are_a_pure_function_of_the_seed():
+    a = LengthEvalData(tasks=["s_niah", "vt"], lengths=[600, 900], depths=[0, 50], samples=2)
+    b = LengthEvalData(tasks=["s_niah", "vt"], lengths=[600, 900], depths=[0, 50], samples=2)
+    a.setup("test"), b.setup("test")
+    assert [str(c) for c in a.cells] == [str(c) for c in b.cells] and len(a.cells) == 2 * 2 + 2
+    for cell in a.cells:
+        for i in range(2):
+            x, y = a.sample(cell, i), b.sample(cell, i)
+            assert np.array_equal(x["input_ids"].numpy(), y["input_ids"].numpy()) and x["answers"] == y["answers"]
+    assert not np.array_equal(a.sample(a.cells[0], 0)["input_ids"], a.sample(a.cells[0], 1)["input_ids"])
+
+
+GRID = ["--data.init_args.lengths", "[512, 1024]", "--data.init_args.depths", "[0, 100]",
+        "--data.init_args.samples", "2", "--data.init_args.ppl_lengths", "[512, 1024]",
+        "--trainer.enable_progress_bar", "false"]
+
+
+def _eval(tmp_path, out, *extra):
+    args = ["test", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(ROOT / "configs/eval/tiny.yaml"),
+            *GRID, "--data.init_args.ppl_corpus", str(ROOT / "README.md"),
+            "--trainer.callbacks.init_args.output_dir", str(tmp_path / out), *extra]
+    res = run_cli(args, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.slow
+def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees(tmp_path):
+    first = _eval(tmp_path, "a")
+    assert "[eval] s_niah L=512 depth=0%: teacher-forced" in first.stdout
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["accuracy.png", "heatmap_s_niah.png", "perplexity.png", "results.json", "results.md",
+                     "samples.jsonl"]
+    assert (tmp_path / "a/heatmap_s_niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (tmp_path / "a/samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 + 2 * 2 + 2 * 2 + 2 * 2  # s_niah x depths, passkey, niah_single_2, perplexity
+    table = (tmp_path / "a/results.md").read_text()
+    assert "| s_niah | " in table and "| 512 | 2 |" in table
+    # the same seed writes the same files
+    _eval(tmp_path, "b")
+    for name in ("samples.jsonl", "results.md", "results.json"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text().replace(
+            str(tmp_path / "b"), str(tmp_path / "a"))
+    # every sample through the chunked inference engine: the same verdicts, NLLs within float32 noise
+    _eval(tmp_path, "engine", "--trainer.callbacks.init_args.engine_threshold", "1",
+          "--trainer.callbacks.init_args.segment_len", "100")
+    plain = [json.loads(line) for line in (tmp_path / "a/samples.jsonl").read_text().splitlines()]
+    chunked = [json.loads(line) for line in (tmp_path / "engine/samples.jsonl").read_text().splitlines()]
+    for p, c in zip(plain, chunked):
+        assert p.get("teacher_forced") == c.get("teacher_forced") and p.get("generation") == c.get("generation")
+        for key in ("answer_nll", "nll", "last_nll"):
+            if key in p:
+                assert abs(p[key] - c[key]) < 2e-3, (key, p, c)
+    # two ranks (gloo): cell totals summed by torchmetrics, samples gathered, the same report
+    _eval(tmp_path, "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    for name in ("samples.jsonl", "results.md"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "ddp" / name).read_text()
+    # an existing report is refused without overwrite
+    res = run_cli(["test", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(ROOT / "configs/eval/tiny.yaml"),
+                   *GRID, "--data.init_args.ppl_corpus", str(ROOT / "README.md"),
+                   "--trainer.callbacks.init_args.output_dir", str(tmp_path / "a"),
+                   "--trainer.callbacks.init_args.overwrite", "false"], tmp_path)
+    assert res.returncode == 2 and f"output '{tmp_path / 'a'}' already exists; pass --overwrite" in res.stderr
