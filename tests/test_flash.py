@@ -65,3 +65,14 @@ def test_local_attention_matches_naive(backend, window):
 
 def test_base_backend_local_attention_is_the_shared_default():
     assert plugin("attention", "HSAReference").local_attention.__func__ is AttentionBackend.local_attention
+
+
+@pytest.mark.parametrize("T,window,block", [(100, 7, 16), (100, 40, 16), (64, 3, 64), (33, 50, 8)])
+def test_banded_window_attention_matches_naive(T, window, block):
+    """The compile-free sliding-window path (odd lengths on GPU, the CPU default), block by block."""
+    from hsa_lightning.model.attention_backend import banded_window_attention
+
+    g = torch.Generator().manual_seed(T + window)
+    q = torch.randn(2, T, 4, 8, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, T, 2, 8, generator=g, dtype=torch.float64), torch.randn(2, T, 2, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(banded_window_attention(q, k, v, window, block), naive_local_attention(q, k, v, window))

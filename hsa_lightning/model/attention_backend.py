@@ -125,8 +125,7 @@ class AttentionBackend:
         elif window is None or window >= T:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
         else:
-            mask = sliding_window_mask(T, window, q.device)
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+            return banded_window_attention(q, k, v, window)
         return out.transpose(1, 2)
 
     def select(
@@ -174,6 +173,22 @@ def prefer_fused_sdpa(q: torch.Tensor):
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return sdpa_kernel(order, set_priority=True)
+
+
+def banded_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                            block: int = 1024) -> torch.Tensor:
+    """Exact sliding-window causal attention for any length, linear in it and with nothing to compile:
+    each block of ``block`` queries attends (SDPA with a band mask) to the keys its window reaches."""
+    T = q.shape[1]
+    gqa = q.shape[2] != k.shape[2]
+    out = []
+    for start in range(0, T, block):
+        end, first = min(start + block, T), max(0, start - window + 1)
+        dist = torch.arange(start, end, device=q.device)[:, None] - torch.arange(first, end, device=q.device)[None, :]
+        qh, kh, vh = q[:, start:end].transpose(1, 2), k[:, first:end].transpose(1, 2), v[:, first:end].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=(dist >= 0) & (dist < window), enable_gqa=gqa)
+        out.append(o.transpose(1, 2))
+    return torch.cat(out, 1)
 
 
 def sliding_window_mask(T: int, window: int, device: torch.device) -> torch.Tensor:

@@ -36,11 +36,15 @@ def _attend_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tens
 
 
 class WindowCache(LayerCache):
-    """The last ``window - 1`` keys and values: with the new token that is the whole window."""
+    """The last ``window - 1`` keys and values (with the new token, the whole window), rounded up to a
+    multiple of 128 so that cached + new keys keep the lengths the sliding-window kernels are built for
+    (a 16,384-token segment after 512 cached keys is 16,896 = 132 x 128); keys past the window are
+    masked by the window rule."""
 
     def __init__(self, window: int, position: int = 0):
         super().__init__(position)
         self.window = window
+        self.keep = -(-(window - 1) // 128) * 128
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
@@ -57,7 +61,7 @@ class WindowCache(LayerCache):
             # window mask only depends on the distance between query and key.
             q_all = torch.cat([q.new_zeros(q.shape[0], n_cached, *q.shape[2:]), q], 1) if n_cached else q
             o = backend.local_attention(q_all, k, v, self.window)[:, n_cached:]
-        keep = self.window - 1
+        keep = self.keep
         self.k, self.v = (k[:, -keep:].clone(), v[:, -keep:].clone()) if keep else (None, None)
         self.position += T
         return o

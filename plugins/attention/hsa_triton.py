@@ -2,7 +2,8 @@
 ``kernels/retrieval/parallel.py`` (the reference retrieval serves Gumbel noise and odd retrieval widths).
 
 Drop-in for HSAReference (same model, same parameters, bf16-level agreement). Sliding-window layers use
-FlexAttention with a sliding-window block mask on GPU (exact, block-sparse); full layers use
+FlexAttention with a sliding-window block mask on GPU for lengths that are multiples of 128 (exact,
+block-sparse; compiled once per length) and banded SDPA for other lengths; full layers use
 ``scaled_dot_product_attention`` preferring cuDNN / flash. With document masking, local attention
 and retrieval take the exact masked reference paths (slower: the fused kernels have no document
 bound yet). On CPU it runs only under the Triton interpreter (``TRITON_INTERPRET=1``), which is how
@@ -17,11 +18,13 @@ from typing import Optional
 import torch
 
 from hsa_lightning.errors import PluginError
-from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory, Selection, prefer_fused_sdpa
+from hsa_lightning.model.attention_backend import (AttentionBackend, ChunkMemory, Selection, banded_window_attention,
+                                                   prefer_fused_sdpa)
 from hsa_lightning.model.config import ModelConfig
 
 
 MAX_FUSED_TOPK_X_WIDTH = 8192  # top_k * retrieval width the fused select kernel is run with
+FLEX_ALIGN = 128  # FlexAttention's block: lengths it takes (others take the banded SDPA path)
 
 
 class HSATriton(AttentionBackend):
@@ -47,7 +50,10 @@ class HSATriton(AttentionBackend):
     def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         window: Optional[int], doc_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         if doc_start is None and q.is_cuda and window is not None and window < q.shape[1]:
-            return _flex_sliding_window(q, k, v, window)
+            if q.shape[1] % FLEX_ALIGN == 0:  # training shapes; each new length compiles once
+                return _flex_sliding_window(q, k, v, window)
+            with prefer_fused_sdpa(q):  # odd lengths (evaluation, the end of a prompt): nothing to compile
+                return banded_window_attention(q, k, v, window)
         with prefer_fused_sdpa(q):
             return super().local_attention(q, k, v, window, doc_start)
 
