@@ -76,9 +76,9 @@ class LengthEval(Callback):
         model = pl_module.model
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             record = self._score_task(model, batch) if batch["eval_kind"] == "task" else self._score_ppl(model, batch)
-        for key, value in record.pop("_sums").items():
+        sums = {**dict.fromkeys(SUMS, 0.0), **record.pop("_sums"), "n": 1.0}
+        for key, value in sums.items():  # every metric of the cell, so none is computed without an update
             self.sums[cell][key].update(torch.tensor(float(value), device=pl_module.device))
-        self.sums[cell]["n"].update(torch.tensor(1.0, device=pl_module.device))
         self.records.append(record)
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
