@@ -36,11 +36,20 @@ def build_model(attention="HSAReference", layout=("UltraLong", {"groups": 1}), s
     return model.to(dtype)
 
 
+def child_env(**extra) -> dict:
+    """The environment for a subprocess. In-process tests leave RANK / LOCAL_RANK / WORLD_SIZE set
+    (StreamingDataModule exports them for streaming); a child that inherits them thinks an external
+    launcher started it and never spawns its other ranks."""
+    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    return {**env, "PYTHONWARNINGS": "ignore", **extra}
+
+
 def run_cli(args, tmp_path, timeout=600, env_extra=None):
     """Run ``python cli.py ...`` in a subprocess from the repository root."""
     import subprocess
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+    env = child_env(**(env_extra or {}))
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

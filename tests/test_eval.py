@@ -176,6 +176,14 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
     _eval(tmp_path, "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
     for name in ("samples.jsonl", "results.md"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "ddp" / name).read_text()
+    # a baseline (Dense layout, Flash backend) through the same suite, then one plot for both
+    _eval(tmp_path, "dense", "--model.layout", "Dense", "--model.attention", "Flash")
+    from hsa_lightning.eval.report import main as compare
+
+    assert compare([str(tmp_path / "a"), str(tmp_path / "dense"), "-o", str(tmp_path / "cmp")]) == 0
+    assert {p.name for p in (tmp_path / "cmp").iterdir()} == {"compare_accuracy.png", "compare_perplexity.png",
+                                                               "compare.md"}
+    assert "## a\n" in (tmp_path / "cmp/compare.md").read_text() and "## dense\n" in (tmp_path / "cmp/compare.md").read_text()
     # an existing report is refused without overwrite
     res = run_cli(["test", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(ROOT / "configs/eval/tiny.yaml"),
                    *GRID, "--data.init_args.ppl_corpus", str(ROOT / "README.md"),

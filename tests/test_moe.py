@@ -226,13 +226,12 @@ def test_fsdp2_sharded_moe_matches_unsharded(tmp_path):
     """Two gloo processes: experts sharded along the expert dimension give the same loss, gradients and
     balancing update as one unsharded process."""
     import json
-    import os
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, child_env
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests/scripts/fsdp2_moe.py"), str(tmp_path / "out"), str(ROOT / "tests")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

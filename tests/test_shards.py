@@ -147,3 +147,17 @@ def test_command_line(tmp_path, capsys):
     assert "error: output" in capsys.readouterr().err
     assert data_main(["train-tokenizer", str(docs), "-o", str(tmp_path / "t.json"), "--vocab-size", "100"]) == 2
     assert "error: vocab_size=100 must be >= 300" in capsys.readouterr().err
+
+
+def test_stream_tokens_rejoins_the_blocks_and_checks_the_tokenizer(tmp_path):
+    """Evaluation reads a shard folder back as one stream (haystacks, held-out perplexity)."""
+    from hsa_lightning.data.shards import stream_tokens
+
+    tok = ByteTokenizer()
+    write_shards([str(write_jsonl(tmp_path / "a.jsonl", DOCS[:12]))], tmp_path / "out", tok, block_len=32,
+                 progress=False)
+    assert stream_tokens(tmp_path / "out", tok).tolist() == expected_stream(tok, DOCS[:12])
+    other = train_bpe(iter(DOCS), 300, tmp_path / "tok.json")
+    with pytest.raises(ConfigError, match=r"shard folder '.*out' was written with tokenizer 'byte' \(byte:258\) but the "
+                                          r"evaluation tokenizer is"):
+        stream_tokens(tmp_path / "out", other)

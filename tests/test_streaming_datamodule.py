@@ -1,6 +1,5 @@
 """StreamingDataModule: token-exact batches, packing invariants, mixing, synthetic share, resume, errors."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,8 @@ from hsa_lightning.data.tokenizer import ByteTokenizer, train_bpe
 from hsa_lightning.errors import ConfigError
 from hsa_lightning.lit.streaming_datamodule import StreamingDataModule, cut_blocks, inject_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, child_env
+
 TOK = ByteTokenizer()
 
 
@@ -126,9 +126,7 @@ def test_resume_mid_epoch_two_processes(tmp_path):
 def _check_resume(tmp_path: Path, devices: int, workers: int = 0) -> None:
     folder = corpus(tmp_path, "c", prose(150), block_len=512)
     script = ROOT / "tests" / "scripts" / "record_batches.py"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for key in ("RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(key, None)
+    env = child_env()
 
     def run(out: str, *extra: str) -> list[list]:
         cmd = [sys.executable, str(script), str(folder), str(tmp_path / out), "--steps", "9",

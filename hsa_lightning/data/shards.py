@@ -141,3 +141,19 @@ def read_manifest(folder: str | Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise ConfigError(f"shard folder {str(folder)!r} has format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
+
+
+def stream_tokens(folder: str | Path, tokenizer) -> np.ndarray:
+    """The whole token stream of a shard folder (blocks rejoined where they overlap, padding dropped),
+    for evaluation haystacks and held-out perplexity; refused when written with another tokenizer."""
+    from streaming import LocalDataset
+
+    manifest = read_manifest(folder)
+    written = manifest["tokenizer"]
+    if written["fingerprint"] != tokenizer.fingerprint:
+        raise ConfigError(f"shard folder {str(folder)!r} was written with tokenizer {written['name']!r} "
+                          f"({written['fingerprint']}) but the evaluation tokenizer is {tokenizer.fingerprint}")
+    data = LocalDataset(local=str(folder))
+    blocks = [np.asarray(data[i]["tokens"], dtype=np.int64) for i in range(len(data))]
+    stream = np.concatenate([blocks[0]] + [b[1:] for b in blocks[1:]]) if blocks else np.zeros(0, np.int64)
+    return stream[stream != tokenizer.pad]

@@ -82,15 +82,17 @@ class LengthEvalData(L.LightningDataModule):
         """
         Args:
             tokenizer: ``byte`` or a ``tokenizer.json``: the one the model was trained with.
-            haystack: ``synthetic`` (seeded generated prose) or text files / folders / globs (``.txt``,
-                ``.md``, ``.jsonl``), e.g. ``data/demo/haystack``; repeated when a sample is longer.
+            haystack: ``synthetic`` (seeded generated prose), a shard folder written by ``prepare``, or text
+                files / folders / globs (``.txt``, ``.md``, ``.jsonl``), e.g. ``data/demo/haystack``;
+                repeated when a sample is longer.
             tasks: names from ``hsa_lightning/data/tasks.py`` (paper: s_niah, mq_niah, mv_niah, vt, passkey;
                 RULER: niah_single_2, niah_multiquery, niah_multivalue, ruler_vt).
             lengths: sample lengths in tokens (any list; e.g. a x4 grid from below the training length).
             depth_tasks: tasks evaluated on the ``depths`` grid (single-needle tasks only).
             depths: needle depths in percent.
             samples: samples per cell.
-            ppl_corpus: held-out text (files / folders / globs) for perplexity and last-4K loss.
+            ppl_corpus: held-out text (a shard folder, or files / folders / globs) for perplexity and
+                last-4K loss.
             ppl_lengths: lengths of those perplexity windows (non-overlapping, from the start).
             ppl_samples: windows per length.
         """
@@ -152,8 +154,13 @@ class LengthEvalData(L.LightningDataModule):
         return self._corpus_tokens(self.hparams.haystack, separator=False)
 
     def _corpus_tokens(self, spec: str, separator: bool) -> np.ndarray:
-        from hsa_lightning.data.corpus import find_sources, read_documents
+        from pathlib import Path
 
+        from hsa_lightning.data.corpus import find_sources, read_documents
+        from hsa_lightning.data.shards import MANIFEST, stream_tokens
+
+        if (Path(spec) / MANIFEST).is_file():  # an MDS shard folder written by `prepare`
+            return stream_tokens(spec, self.tokenizer)
         sources = find_sources([spec])
         if not sources:
             raise ConfigError(f"data {spec!r}: no .txt, .md, .rst or .jsonl files found")
