@@ -14,6 +14,7 @@ from hsa_lightning.lit.curriculum_callback import Curriculum  # noqa: F401  (fou
 from hsa_lightning.lit.module import HSALitModule
 from hsa_lightning.lit.streaming_datamodule import StreamingDataModule  # noqa: F401  (found by short name)
 from hsa_lightning.lit.synthetic_datamodule import SyntheticDataModule  # noqa: F401
+from hsa_lightning.lit.training_monitor import TrainingMonitor  # noqa: F401
 from hsa_lightning.registry import load_plugins
 
 

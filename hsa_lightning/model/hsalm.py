@@ -72,6 +72,31 @@ class HSALM(nn.Module):
             total -= sum(m.inactive_parameters() for m in self.routed_ffns())
         return total
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at ``seq_len`` (forward + backward = 3 x forward), for MFU: 6 x the
+        active parameters (the tied embedding counted once, as the LM head) plus attention's
+        score and value products, 4 x heads x head_dim per key a query reads: its window (mean over the
+        sequence), the HSA blocks' top-k chunks, the chunk encoder's S + 1 tokens; plus retrieval's
+        landmark scores over the visible chunks."""
+        cfg, T = self.config, seq_len
+        per_key = 4 * cfg.n_heads * cfg.resolved_head_dim
+        attention = 0.0
+        for m in self.modules():
+            if isinstance(m, SelfAttention):
+                if not m.causal:  # the chunk encoder: S tokens + CLS, bidirectional
+                    attention += per_key * (cfg.chunk_size + 1)
+                    continue
+                w = T if m.window is None else min(m.window, T)
+                attention += per_key * (w * (w + 1) / 2 + (T - w) * w) / T  # mean keys per query
+            elif isinstance(m, Retrieval):  # one per HSA block
+                visible = max(T // cfg.chunk_size - 1, 0) / 2  # mean visible chunks over the sequence
+                if not self.backend.needs_retrieval:  # Flash: every visible chunk, densely
+                    attention += per_key * visible * cfg.chunk_size
+                    continue
+                top_k = visible if m.top_k is None else min(m.top_k, visible)
+                attention += per_key * top_k * cfg.chunk_size + 2 * cfg.resolved_retrieval_dim * visible
+        return 6.0 * self.num_parameters(active=True) + 3.0 * attention
+
     def set_window(self, window: int | None) -> None:
         """Every sliding-window attention (SWA blocks and the HSA blocks' own SWA) now sees ``window``
         keys; None restores the configured windows."""
