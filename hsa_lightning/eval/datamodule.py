@@ -22,7 +22,7 @@ from hsa_lightning.errors import ConfigError
 PAPER_DEPTHS = (0, 11, 22, 33, 44, 56, 67, 78, 89, 100)  # percent, the rows of the paper's Figure 4
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Cell:
     task: str  # a task name, or "perplexity"
     length: int

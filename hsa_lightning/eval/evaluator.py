@@ -9,7 +9,8 @@ totals are torchmetrics ``SumMetric``s, summed across ranks; per-sample records 
 
 Outputs (``output_dir``, written complete or not at all): ``samples.jsonl``, ``results.json``,
 ``results.md`` (task x length), ``heatmap_<task>.png`` (depth x length, like the paper's Figure 4),
-``accuracy.png`` and ``perplexity.png`` (against length). A rerun with the same seed writes the same files (timings go to the console only).
+``accuracy.png`` and ``perplexity.png`` (against length). A rerun with the same seed writes the same
+files (timings go to the console only).
 """
 from __future__ import annotations
 
@@ -108,8 +109,7 @@ class LengthEval(Callback):
     def _answer_logits(self, model, ids: torch.Tensor, a: int, e: int) -> torch.Tensor:
         """Logits (n, V) at the positions predicting tokens a..e-1."""
         if ids.shape[1] <= self.engine_threshold:
-            h = model.hidden_states(ids[:, :e - 1])[0, a - 1:]
-            return h @ model.embed.weight.t()
+            return model.head(model.hidden_states(ids[:, :e - 1])[0, a - 1:])
         return self._engine(model, ids.shape[1]).prefill(ids[:, :e], last=e - a + 1)[0, :-1]
 
     def _score_task(self, model, batch: dict) -> dict:
@@ -134,7 +134,7 @@ class LengthEval(Callback):
         ids = batch["input_ids"]
         if ids.shape[1] <= self.engine_threshold:
             h = model.hidden_states(ids)[0, :-1]
-            nll = torch.cat([F.cross_entropy((h[s:s + 4096] @ model.embed.weight.t()).float(), ids[0, s + 1:s + 4097],
+            nll = torch.cat([F.cross_entropy(model.head(h[s:s + 4096]).float(), ids[0, s + 1:s + 4097],
                                              reduction="none") for s in range(0, h.shape[0], 4096)])
         else:
             nll = self._engine(model, ids.shape[1]).token_nll(ids)[0]

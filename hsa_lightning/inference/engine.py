@@ -192,15 +192,12 @@ class InferenceEngine:
 
         return tqdm(total=n, unit="tok", unit_scale=True, desc="prefill", file=sys.stderr)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.model.embed.weight.t()
-
     # -- public API ------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, last: int | None = 1) -> torch.Tensor:
         """Read ``input_ids`` (B, N) after whatever the cache holds; logits (B, n, V) of the last
         ``last`` of these positions (None: all N, which at long lengths needs a lot of memory)."""
-        pieces = [self._logits(h) for _, h in self._hidden(input_ids, last)]
+        pieces = [self.model.head(h) for _, h in self._hidden(input_ids, last)]
         return torch.cat(pieces, 1)
 
     @torch.inference_mode()
@@ -215,7 +212,7 @@ class InferenceEngine:
             h = h[:, : N - 1 - row]  # the final position predicts a token we do not have
             if h.shape[1]:
                 targets = input_ids[:, row + 1: row + 1 + h.shape[1]].to(self.device)
-                logits = self._logits(h).float()
+                logits = self.model.head(h).float()
                 out.append(F.cross_entropy(logits.transpose(1, 2), targets, reduction="none"))
         return torch.cat(out, 1) if out else torch.zeros(input_ids.shape[0], 0, device=self.device)
 

@@ -57,7 +57,11 @@ class HSALM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V). For training use ``loss``, which never holds all logits at once."""
-        return self.hidden_states(input_ids, doc_start) @ self.embed.weight.t()
+        return self.head(self.hidden_states(input_ids, doc_start))
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states -> logits through the tied embedding."""
+        return hidden @ self.embed.weight.t()
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
              doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
