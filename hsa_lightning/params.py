@@ -31,12 +31,24 @@ def lit_module(config_path: str):
 
 
 def count(config_path: str) -> tuple[int, int]:
+    return count_module(lit_module(config_path))
+
+
+def count_module(m) -> tuple[int, int]:
+    """(total, active per token) parameters of an HSALitModule's model, built on the meta device."""
     from hsa_lightning.model.hsalm import HSALM
 
-    m = lit_module(config_path)
     with torch.device("meta"):  # shapes only, no memory
         model = HSALM(m.config, m.attention, m.layout, m.position, m.ffn)
     return model.num_parameters(), model.num_parameters(active=True)
+
+
+def describe(total: int, active: int) -> str:
+    return f"{total:,} parameters ({_short(total)}), {active:,} active per token ({_short(active)})"
+
+
+def _short(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, PluginError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print(f"{path}: {total:,} parameters ({total / 1e9:.2f}B), {active:,} active per token ({active / 1e9:.2f}B)")
+        print(f"{path}: {describe(total, active)}")
     return 0
 
 

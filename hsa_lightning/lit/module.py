@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from hsa_lightning.errors import ConfigError
+from hsa_lightning.lit.parallel import DTYPES, ParallelConfig, materialize, prepare
 from hsa_lightning.model.attention_backend import AttentionBackend
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.ffn import FFN
@@ -60,14 +63,18 @@ class HSALitModule(L.LightningModule):
         position: PositionArg = "RoPE",
         ffn: FFNArg = "SwiGLU",
         optim: Optional[OptimConfig] = None,
+        parallel: Optional[ParallelConfig] = None,
         init_weights: Optional[str] = None,
     ):
-        """``init_weights``: a checkpoint whose model weights (only) start this run, e.g. the previous
-        curriculum stage's last checkpoint when a stage runs as its own fit on a new data mix."""
+        """``parallel``: activation checkpointing, compilation and FSDP2 settings (``lit/parallel.py``).
+        ``init_weights``: a checkpoint (a file, or a sharded checkpoint's folder) whose model weights (only)
+        start this run, e.g. the previous curriculum stage's last checkpoint when a stage runs as its own
+        fit on a new data mix."""
         super().__init__()
         self.save_hyperparameters()
         self.config = _as(ModelConfig, config)
         self.optim = _as(OptimConfig, optim)
+        self.parallel = _as(ParallelConfig, parallel)
         self.attention = build_plugin("attention", attention)
         self.layout = build_plugin("layout", layout)
         self.position = build_plugin("position", position)
@@ -85,27 +92,66 @@ class HSALitModule(L.LightningModule):
             return
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         self.attention.check_runtime(device, self._compute_dtype())
-        self.model = HSALM(self.config, self.attention, self.layout, self.position, self.ffn)
+        mesh = self._fsdp2_mesh()
+        if mesh is None:
+            self.model = prepare(self._build(), self.parallel)
+        else:  # FSDP2: build on the meta device, shard, then allocate each rank's shards only
+            with torch.device("meta"):
+                model = self._build()
+            self.model = prepare(model, self.parallel, mesh)
+            materialize(self.model, device)
         if self.hparams.init_weights:
             self.load_weights(self.hparams.init_weights)
         total, active = self.model.num_parameters(), self.model.num_parameters(active=True)
         rank_zero_info(f"HSALM: {total / 1e6:,.1f}M parameters, {active / 1e6:,.1f}M active per token")
 
+    def _build(self) -> HSALM:
+        return HSALM(self.config, self.attention, self.layout, self.position, self.ffn)
+
+    def _fsdp2_mesh(self):
+        """The data-parallel device mesh under ModelParallelStrategy (FSDP2), else None."""
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return None
+        tensor_parallel = self.device_mesh["tensor_parallel"].size()
+        if tensor_parallel > 1:
+            raise ConfigError(
+                f"trainer strategy ModelParallelStrategy has tensor_parallel_size={tensor_parallel}, but HSALM has "
+                f"no tensor-parallel plan; use strategy FSDP2Strategy (every device a data-parallel rank)")
+        return self.device_mesh["data_parallel"]
+
     def load_weights(self, path: str) -> None:
+        """The model weights of a Lightning checkpoint: a file, or the folder of a sharded (DCP) one.
+        Works for a sharded model too: each rank keeps its shards of the full weights."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             set_model_state_dict)
+
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        except (OSError, KeyError) as e:
-            raise ConfigError(f"model init_weights={path!r} is not a readable Lightning checkpoint ({e})") from None
-        weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+            if os.path.isdir(path):
+                import torch.distributed.checkpoint as dcp
+
+                # DCP reads into tensors shaped like ours; Lightning stores the module under "state_dict"
+                own = get_model_state_dict(self.model)
+                state = {"state_dict": {f"model.{k}": v for k, v in own.items()}}
+                dcp.load(state, checkpoint_id=path)
+                weights, full = {k.removeprefix("model."): v for k, v in state["state_dict"].items()}, False
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+                weights, full = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}, True
+        except (OSError, KeyError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"model init_weights={path!r} is not a readable Lightning checkpoint "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         try:
-            self.model.load_state_dict(weights)
+            set_model_state_dict(self.model, weights, options=StateDictOptions(full_state_dict=full, strict=True))
         except RuntimeError as e:  # missing, unexpected or differently shaped weights
+            lines = str(e).splitlines()
             raise ConfigError(f"model init_weights={path!r} does not match this model: "
-                              f"{str(e).splitlines()[1].strip()}") from None
+                              f"{(lines[1] if len(lines) > 1 else lines[0]).strip()}") from None
 
     def _compute_dtype(self) -> torch.dtype:
         if self._trainer is None:
             return torch.float32
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and self.parallel.param_dtype != "fp32":
+            return DTYPES[self.parallel.param_dtype]  # FSDP2 casts the gathered parameters
         return _PRECISION_DTYPE.get(str(self.trainer.precision).split("-")[0], torch.float32)
 
     def setup(self, stage: str) -> None:
@@ -135,7 +181,8 @@ class HSALitModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll, n = self.model.loss(batch["input_ids"], batch["labels"], batch.get("doc_start"))
         loss = nll / n.clamp_min(1)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        # the mean over ranks (one scalar all-reduce), so every strategy logs the same curve
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         routed = self.model.routed_ffns()
         for i, ffn in enumerate(routed):
             aux = ffn.take_aux_loss()
@@ -189,6 +236,13 @@ class HSALitModule(L.LightningModule):
         self.log(f"{stage}/ppl", torch.exp(loss))
 
     # -- optimisation --------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(self.trainer.strategy, FSDPStrategy):
+            # FSDP1's shards need the root wrapper's own clipping (Lightning's raises for FSDPStrategy)
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP2: DTensor-aware
+
     def configure_optimizers(self):
         o = self.optim
         decay = [p for p in self.model.parameters() if p.ndim >= 2]

@@ -1,9 +1,11 @@
 """SyntheticDataModule: the seeded synthetic corpus as train/val/test loaders (no files needed)."""
 from __future__ import annotations
 
+import itertools
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hsa_lightning.data.synthetic import Haystack, packed_block
 from hsa_lightning.data.tokenizer import ByteTokenizer
@@ -25,6 +27,34 @@ class _Blocks(Dataset):
             packed_block(self.seed, self.split, i, self.seq_len, self.needle_share, self.haystack, self.tok)
         )
         return {"input_ids": block[:-1], "labels": block[1:]}
+
+
+class _RankShare(DistributedSampler):
+    """Rank r reads samples r, r + W, r + 2W, ... in order, so the ranks' batches at a step together are
+    the one-device batch of the same global size (Lightning's own distributed sampler would shuffle).
+    After a resume it starts ``skip`` samples in."""
+
+    skip = 0
+
+    def __iter__(self):
+        start, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), start, None)
+
+
+class _Loader(DataLoader):
+    """The training loader; its state (saved in checkpoints) is the samples this rank consumed."""
+
+    consumed = 0
+
+    def __iter__(self):
+        self.consumed = self.sampler.skip
+        return super().__iter__()
+
+    def state_dict(self) -> dict:
+        return {"samples": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.skip = state["samples"]
 
 
 class SyntheticDataModule(L.LightningDataModule):
@@ -51,8 +81,16 @@ class SyntheticDataModule(L.LightningDataModule):
     def _loader(self, split: str, n: int) -> DataLoader:
         h = self.hparams
         data = _Blocks(h.seed, split, n, self.seq_len, h.needle_share)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          drop_last=split == "train", persistent_workers=self.num_workers > 0)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        loader = _Loader if split == "train" else DataLoader
+        return loader(data, batch_size=self.batch_size, num_workers=self.num_workers,
+                      sampler=_RankShare(data, num_replicas=world, rank=rank, shuffle=False, drop_last=True),
+                      drop_last=split == "train", persistent_workers=self.num_workers > 0)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            self.trainer.train_dataloader.consumed += batch["input_ids"].shape[0]
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.hparams.train_samples)

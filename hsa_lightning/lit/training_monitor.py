@@ -17,6 +17,8 @@ from typing import Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch.distributed.tensor import DTensor
 
 from hsa_lightning.errors import ConfigError
 
@@ -49,10 +51,8 @@ class TrainingMonitor(L.Callback):
         self._flops = pl_module.model.flops_per_token(batch["input_ids"].shape[1]) if self._peak is not None else None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+        pl_module.log("train/grad_norm", gradient_norm(pl_module.parameters(), sharded), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ids = batch["input_ids"]
@@ -71,3 +71,14 @@ class TrainingMonitor(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.tokens_seen = state_dict["tokens_seen"]
+
+
+def gradient_norm(parameters, sharded: bool) -> torch.Tensor:
+    """The global L2 norm of the gradients. ``sharded``: each rank holds a disjoint part of them (FSDP1's
+    flat shards, FSDP2's DTensor shards), so the squared norms are summed over ranks."""
+    squares = [torch.linalg.vector_norm((g.to_local() if isinstance(g, DTensor) else g).float()) ** 2
+               for g in (p.grad for p in parameters) if g is not None]
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    if sharded and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(total)
+    return total.sqrt()

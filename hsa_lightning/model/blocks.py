@@ -11,7 +11,7 @@ from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory,
 from hsa_lightning.model.cache import LayerCache
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.ffn import FFN
-from hsa_lightning.model.layers import Linear, RMSNorm
+from hsa_lightning.model.layers import Linear, Recomputable, RMSNorm
 from hsa_lightning.model.position import PositionEncoding
 from hsa_lightning.model.retrieval import Retrieval
 
@@ -20,7 +20,7 @@ def _out_std(cfg: ModelConfig) -> float:
     return cfg.init_std / (2 * cfg.n_layers) ** 0.5  # GPT-2 style: projections into the stream
 
 
-class Block(nn.Module):
+class Block(Recomputable):
     """x + Attn(norm(x)), then + FFN(norm(.)); sliding-window (``window``) or full (None) causal attention."""
 
     def __init__(self, cfg: ModelConfig, window: Optional[int], position: PositionEncoding,
@@ -33,13 +33,13 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.mlp = ffn.build(d, layer_index, cfg.init_std, _out_std(cfg))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, doc_start: Optional[torch.Tensor] = None,
+    def compute(self, x: torch.Tensor, positions: torch.Tensor, doc_start: Optional[torch.Tensor] = None,
                 cache: Optional[LayerCache] = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), positions, doc_start, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
-class HSABlock(nn.Module):
+class HSABlock(Recomputable):
     """The HSA layer (paper section 3.1, code semantics):
 
         sel = Retrieval(x)                          (from the layer's input)
@@ -65,7 +65,7 @@ class HSABlock(nn.Module):
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.mlp = ffn.build(d, layer_index, cfg.init_std, _out_std(cfg))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, memory: ChunkMemory,
+    def compute(self, x: torch.Tensor, positions: torch.Tensor, memory: ChunkMemory,
                 doc_start: Optional[torch.Tensor] = None, cache: Optional[LayerCache] = None) -> torch.Tensor:
         """``cache`` (inference): the internal SWA's cache; its position is where these queries start."""
         B, T, _ = x.shape

@@ -16,11 +16,11 @@ from hsa_lightning.model.attention import SelfAttention
 from hsa_lightning.model.attention_backend import AttentionBackend, ChunkMemory
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.ffn import FFN
-from hsa_lightning.model.layers import Linear, RMSNorm
+from hsa_lightning.model.layers import Linear, Recomputable, RMSNorm
 from hsa_lightning.model.position import PositionEncoding
 
 
-class ChunkEncoder(nn.Module):
+class ChunkEncoder(Recomputable):
     def __init__(self, cfg: ModelConfig, position: PositionEncoding, backend: AttentionBackend, ffn: FFN):
         super().__init__()
         d, D, std = cfg.d_model, cfg.resolved_head_dim, cfg.init_std
@@ -46,7 +46,7 @@ class ChunkEncoder(nn.Module):
         if self.use_encoder:
             nn.init.normal_(self.cls, std=self.std)
 
-    def forward(self, h: torch.Tensor) -> ChunkMemory:
+    def compute(self, h: torch.Tensor) -> ChunkMemory:
         B, T, d = h.shape
         S = self.S
         C = -(-T // S)

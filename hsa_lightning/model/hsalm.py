@@ -115,5 +115,10 @@ class HSALM(nn.Module):
             if isinstance(m, Retrieval):
                 m.top_k = self.config.top_k if top_k is None else None if top_k == "all" else top_k
 
+    def units(self) -> list[nn.Module]:
+        """The chunk encoder and the blocks: what activation checkpointing, compilation and sharding
+        apply to one at a time."""
+        return ([self.encoder] if self.encoder is not None else []) + list(self.blocks)
+
     def routed_ffns(self) -> list[RoutedFFN]:
         return [m for m in self.modules() if isinstance(m, RoutedFFN)]

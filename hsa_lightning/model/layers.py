@@ -21,6 +21,23 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+class Recomputable(nn.Module):
+    """A unit of the model (a block, the chunk encoder) that subclasses implement as ``compute``.
+    With ``recompute`` set, training keeps only its inputs and recomputes its activations in backward
+    (activation checkpointing). It happens inside the module's call, so a sharding wrapper around the
+    unit gathers its parameters once for both passes, and parameter names stay those of the module."""
+
+    recompute = False
+
+    def forward(self, *args, **kwargs):
+        if self.recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.compute, *args, use_reentrant=False, **kwargs)
+        return self.compute(*args, **kwargs)
+
+    def compute(self, *args, **kwargs):
+        raise NotImplementedError
+
+
 class Linear(nn.Linear):
     """nn.Linear without bias, initialised N(0, std)."""
 
