@@ -81,7 +81,7 @@ def main(args=None) -> None:
 def print_config(args) -> None:
     """jsonargparse's resolved config, then the model's parameter counts as a closing YAML comment (the
     output still feeds back through --config)."""
-    from hsa_lightning.params import count_module, describe
+    from hsa_lightning.params import count_module, describe, module_from_spec
 
     out = io.StringIO()
     try:
@@ -93,7 +93,7 @@ def print_config(args) -> None:
             raise
     spec = (yaml.safe_load(out.getvalue()) or {}).get("model")
     if isinstance(spec, dict):
-        print(f"# model: {describe(*count_module(HSALitModule(**spec)))}")
+        print(f"# model: {describe(*count_module(module_from_spec(spec)))}")
 
 
 def _user_error(exc: BaseException) -> BaseException | None:

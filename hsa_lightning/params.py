@@ -16,10 +16,6 @@ from hsa_lightning.errors import ConfigError, PluginError
 
 def lit_module(config_path: str):
     """The HSALitModule of a training YAML's ``model:`` section (plugins built, no model allocated yet)."""
-    from hsa_lightning.lit.module import HSALitModule
-    from hsa_lightning.registry import load_plugins
-
-    load_plugins()
     try:
         with open(config_path) as f:
             spec = (yaml.safe_load(f) or {}).get("model")
@@ -27,7 +23,16 @@ def lit_module(config_path: str):
         raise ConfigError(f"{config_path}: not readable YAML ({e})") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"{config_path}: no 'model:' section")
-    return HSALitModule(**spec)  # validates the config and builds the plugins
+    return module_from_spec(spec)
+
+
+def module_from_spec(spec: dict):
+    """HSALitModule(**spec): validates the config and builds the plugins."""
+    from hsa_lightning.lit.module import HSALitModule
+    from hsa_lightning.registry import load_plugins
+
+    load_plugins()
+    return HSALitModule(**spec)
 
 
 def count(config_path: str) -> tuple[int, int]:

@@ -30,6 +30,8 @@ def test_fit_validate_test_on_the_tiny_config(tmp_path):
     assert len(train) == 12 and len(val) == 1
     assert train[-1] < train[0] - 0.5  # it learns: the loss falls within a dozen steps
     (ckpt,) = (tmp_path / "run").glob("lightning_logs/version_0/checkpoints/*.ckpt")
+    # CSV by default and TensorBoard beside it (installed with the test extra), in one version folder
+    assert list((tmp_path / "run").glob("lightning_logs/version_0/events.out.tfevents.*"))
     for version, (command, key) in enumerate((("validate", "val/loss"), ("test", "test/loss")), start=1):
         res = run_cli([command, *common, "--ckpt_path", str(ckpt)], tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]

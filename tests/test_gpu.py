@@ -222,3 +222,38 @@ def test_inference_engine_on_cuda_matches_the_full_forward_and_offload_is_identi
             tok = e.step(tok).argmax(-1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp1", "fsdp2"])
+def test_strategies_on_two_gpus_follow_the_one_gpu_loss_curve(gpu_runs, strategy):
+    from test_parallel import check_strategy_curve
+
+    check_strategy_curve(*gpu_runs, strategy, accelerator="gpu")
+
+
+@pytest.fixture(scope="module")
+def gpu_runs(tmp_path_factory):
+    from test_parallel import _curve, _fit, _initial_weights
+
+    tmp = tmp_path_factory.mktemp("gpu_strategies")
+    _initial_weights(tmp / "init.pt")
+    return tmp, _curve(_fit(tmp, "single", accelerator="gpu"))
+
+
+def test_compiled_and_checkpointed_units_match_eager_on_cuda():
+    from hsa_lightning.lit.parallel import ParallelConfig, prepare
+
+    ids = torch.randint(0, 64, (2, 1024), device="cuda")
+    results = {}
+    for name, parallel in (("eager", ParallelConfig()), ("compiled", ParallelConfig(compile=True)),
+                           ("both", ParallelConfig(compile=True, activation_checkpointing=True))):
+        model = prepare(build_model("HSATriton", ("UltraLong", {"groups": 2}), d_model=128, n_heads=4,
+                                    head_dim=32, chunk_size=64, top_k=4, window=128, dtype=torch.float32).cuda(), parallel)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            nll, n = model.loss(ids[:, :-1], ids[:, 1:])
+        (nll / n).backward()
+        results[name] = (nll / n, torch.cat([p.grad.flatten() for p in model.parameters()]))
+    for name in ("compiled", "both"):
+        assert rel_err(results[name][0], results["eager"][0]) < 1e-2, name
+        assert rel_err(results[name][1], results["eager"][1]) < 5e-2, name

@@ -134,6 +134,27 @@ def test_fsdp2_resumes_from_its_sharded_checkpoint_and_it_starts_a_new_run(runs)
     assert not torch.equal(consolidated["model.embed.weight"], initial["model.embed.weight"])  # it trained
 
 
+@pytest.mark.parametrize("strategy,expected", [("fsdp2", "hsa_lightning.lit.fsdp2_strategy.FSDP2Strategy"),
+                                               ("fsdp1", "lightning.pytorch.strategies.FSDPStrategy"),
+                                               ("ddp", "ddp"), ("single", "auto")])
+def test_strategy_files_stack_on_a_run_config_and_print_config_counts_parameters(strategy, expected, capsys):
+    import yaml
+
+    from hsa_lightning.cli import main
+    from hsa_lightning.params import count, describe
+
+    run = str(ROOT / "configs/dense_0p5b.yaml")
+    main(["fit", "--config", run, "--config", str(ROOT / f"configs/strategies/{strategy}.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    tree = yaml.safe_load(out)
+    chosen = tree["trainer"]["strategy"]
+    assert (chosen if isinstance(chosen, str) else chosen["class_path"]) == expected
+    if strategy == "fsdp1":  # every block kind and the chunk encoder is a wrap unit
+        assert {c.rsplit(".", 1)[1] for c in chosen["init_args"]["auto_wrap_policy"]} == {"Block", "HSABlock", "ChunkEncoder"}
+    assert tree["model"]["config"]["d_model"] == 1024  # the run config is kept underneath
+    assert out.rstrip().splitlines()[-1] == f"# model: {describe(*count(run))}"
+
+
 def test_consolidate_refuses_what_is_not_a_sharded_checkpoint(tmp_path, capsys):
     from hsa_lightning.lit.consolidate import main
 

@@ -57,3 +57,26 @@ def test_monitor_logs_throughput_tokens_and_the_unclipped_gradient_norm(tmp_path
     assert monitor.state_dict() == {"tokens_seen": 512}
     with pytest.raises(ConfigError, match=r"TrainingMonitor peak_tflops=0 must be > 0"):
         TrainingMonitor(peak_tflops=0)
+
+
+def test_progress_bar_shows_tokens_seen_and_the_run_eta(tmp_path):
+    import re
+
+    from hsa_lightning.lit.progress import TrainingProgressBar
+
+    module = HSALitModule(config={"vocab_size": 320, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
+                                  "chunk_size": 16, "top_k": 2, "window": 32}, layout="SWA")
+    bar = TrainingProgressBar()
+    seen = []
+
+    class Peek(L.Callback):  # what the bar would show after each step
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append(bar.get_metrics(trainer, pl_module))
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        callbacks=[TrainingMonitor(), bar, Peek()], enable_model_summary=False)
+    trainer.fit(module, SyntheticDataModule(seq_len=512, batch_size=2))
+    assert [m["tokens"] for m in seen] == ["1.0K", "2.0K", "3.1K"]  # 2 x 512 tokens per step
+    assert all("perf/tokens_seen" not in m for m in seen)
+    assert all(re.fullmatch(r"\d+:\d\d:\d\d", m["eta"]) for m in seen[:-1]) and seen[-1]["eta"] == "0:00:00"
+    assert bar._get_train_description(0) == "Epoch 0"  # not Lightning's "Epoch 0/-2" when max_steps bounds the run

@@ -39,7 +39,12 @@ def prepare(model: HSALM, config: ParallelConfig, mesh=None) -> HSALM:
     """Checkpointing and compilation per unit; with a device ``mesh``, FSDP2 sharding of every unit and
     then of the root (the embedding, tied head and final norm). ``loss`` becomes an FSDP entry point
     beside ``forward``."""
-    for unit in model.units():
+    units = model.units()
+    if config.compile:
+        # units share their forward code, so each kind of unit and each new length is another entry of
+        # one frame's cache; past the limit dynamo would quietly run the rest eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(units) + 8)
+    for unit in units:
         unit.recompute = config.activation_checkpointing
         if config.compile:
             unit.compile()  # in place: the module and its parameter names stay
@@ -48,7 +53,7 @@ def prepare(model: HSALM, config: ParallelConfig, mesh=None) -> HSALM:
 
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[config.param_dtype],
                                       reduce_dtype=DTYPES[config.reduce_dtype])
-        for unit in model.units():
+        for unit in units:
             fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=config.reshard_after_forward)
         register_fsdp_forward_method(model, "loss")

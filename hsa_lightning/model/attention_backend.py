@@ -48,6 +48,11 @@ class ChunkMemory:
         return self, selection
 
 
+# A pytree node, so module hooks that look for tensors in outputs (FSDP2's pre-backward hook, which gathers
+# the chunk encoder's weights again for its backward) find k, v and the landmarks.
+torch.utils._pytree.register_dataclass(ChunkMemory)
+
+
 @dataclass
 class Selection:
     """Which chunks each token reads and how their outputs are fused (one row per HSA KV head)."""

@@ -42,6 +42,8 @@ class HSALM(nn.Module):
                 window = config.window if step == SWA else None
                 self.blocks.append(Block(config, window, position, attention, ffn, i))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
+        # which blocks read the chunk memory, decided here: a sharding wrapper hides the block's class
+        self.reads_memory = [isinstance(block, HSABlock) for block in self.blocks]
 
     def hidden_states(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d) final-normed hidden states; any T >= 1. ``doc_start`` (B, T), the
@@ -52,7 +54,7 @@ class HSALM(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == self.encoder_at:
                 memory = self.encoder(x)
-            x = block(x, positions, memory, doc_start) if isinstance(block, HSABlock) else block(x, positions, doc_start)
+            x = block(x, positions, memory, doc_start) if self.reads_memory[i] else block(x, positions, doc_start)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,131 @@
+"""Training throughput: tokens/s and MFU of one training step (forward, backward, AdamW) on one GPU, for
+the small model with HSA (HSATriton, UltraLong layout) against the same dimensions as a dense model
+(Flash backend, Dense layout: cuDNN / flash full causal attention in every block).
+
+    python -m benchmarks.training --out docs/bench/training.json [--lengths 8192,16384,32768] [--compile 0,1]
+
+bf16 autocast over fp32 weights (the run configs' bf16-mixed), random tokens, a constant number of
+tokens per step (batch = tokens_per_step / L), the model prepared as ``configure_model`` does
+(``lit/parallel.py``: per-unit torch.compile when asked, activation checkpointing when asked). MFU =
+``HSALM.flops_per_token(L)`` x tokens/s / peak (989 TFLOP/s dense bf16 on H100/H200): model FLOPs count
+what each architecture needs (HSA: window + top-k chunks + retrieval scores; dense: the causal triangle),
+so the dense model's MFU counts its quadratic attention as useful work. Prints a markdown table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+
+import torch
+import yaml
+
+from hsa_lightning.lit.parallel import ParallelConfig, prepare
+from hsa_lightning.lit.training_monitor import PEAK_BF16_TFLOPS
+from hsa_lightning.model.hsalm import HSALM
+from hsa_lightning.params import module_from_spec
+
+VARIANTS = {"HSA-UltraLong": {}, "Dense": {"attention": "Flash", "layout": "Dense"}}
+
+
+def build(config: str, overrides: dict, parallel: ParallelConfig, device) -> HSALM:
+    with open(config) as f:
+        spec = yaml.safe_load(f)["model"]
+    spec.update(overrides)
+    m = module_from_spec(spec)
+    model = HSALM(m.config, m.attention, m.layout, m.position, m.ffn).to(device)
+    return prepare(model, parallel)
+
+
+def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int, profile: int = 0) -> dict:
+    device = next(model.parameters()).device
+    batch = max(tokens_per_step // L, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, L + 1), device=device, generator=gen)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            nll, n = model.loss(ids[:, :-1], ids[:, 1:])
+        (nll / n).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    compile_start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - compile_start
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - start) / steps
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(profile):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    tokens = batch * L
+    return {"batch": batch, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "warmup_s": first,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/small_gpu.yaml")
+    ap.add_argument("--lengths", default="8192,16384,32768")
+    ap.add_argument("--tokens_per_step", type=int, default=32768)
+    ap.add_argument("--compile", default="0,1", help="per-unit torch.compile settings to measure")
+    ap.add_argument("--activation_checkpointing", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--profile", type=int, default=0, help="also profile this many steps per row (kernel table)")
+    ap.add_argument("--out", default="docs/bench/training.json")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    meta = {"device": name, "torch": torch.__version__, "python": platform.python_version(), "date": str(date.today()),
+            "config": args.config, "tokens_per_step": args.tokens_per_step, "peak_tflops": peak,
+            "precision": "bf16 autocast, fp32 weights, fused AdamW, grad clipping",
+            "command": "python -m benchmarks.training " + " ".join(f"--{k} {v}" for k, v in vars(args).items())}
+    rows = []
+    for compiled in (bool(int(c)) for c in args.compile.split(",")):
+        parallel = ParallelConfig(compile=compiled, activation_checkpointing=bool(args.activation_checkpointing))
+        for variant in args.variants.split(","):
+            overrides = VARIANTS[variant]
+            torch._dynamo.reset()
+            model = build(args.config, overrides, parallel, device)
+            for L in (int(x) for x in args.lengths.split(",")):
+                row = {"model": variant, "compile": compiled, "L": L, "parameters": model.num_parameters(),
+                       **measure(model, L, args.tokens_per_step, args.warmup, args.steps, args.profile)}
+                row["flops_per_token"] = model.flops_per_token(L)
+                if peak:
+                    row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (peak * 1e12)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                with open(args.out, "w") as f:  # after every row, so a cut-off run keeps what it measured
+                    json.dump({"meta": meta, "rows": rows}, f, indent=1)
+                torch.cuda.empty_cache()
+            del model
+    print(json.dumps(meta))
+    print("\n| model | compile | L | batch | step ms | tokens/s | MFU | peak GiB | HSA / Dense tokens/s |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    dense = {(r["compile"], r["L"]): r["tokens_per_s"] for r in rows if r["model"] == "Dense"}
+    for r in rows:
+        ratio = r["tokens_per_s"] / dense[(r["compile"], r["L"])] if r["model"] != "Dense" and (r["compile"], r["L"]) in dense else ""
+        print(f"| {r['model']} | {r['compile']} | {r['L']} | {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{r.get('mfu', 0):.1%} | {r['peak_gib']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |")
+
+
+if __name__ == "__main__":
+    main()
