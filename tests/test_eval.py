@@ -190,3 +190,21 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
                    "--trainer.callbacks.init_args.output_dir", str(tmp_path / "a"),
                    "--trainer.callbacks.init_args.overwrite", "false"], tmp_path)
     assert res.returncode == 2 and f"output '{tmp_path / 'a'}' already exists; pass --overwrite" in res.stderr
+
+
+@pytest.mark.parametrize("strategy", ["FSDP2Strategy", "FSDPStrategy"])
+def test_length_eval_refuses_sharded_strategies_before_building_anything(strategy):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from hsa_lightning.eval.evaluator import LengthEval
+    from hsa_lightning.lit.fsdp2_strategy import FSDP2Strategy
+
+    trainer = SimpleNamespace(strategy={"FSDP2Strategy": FSDP2Strategy, "FSDPStrategy": FSDPStrategy}[strategy]())
+    with pytest.raises(ConfigError) as info:
+        LengthEval().setup(trainer, None, "test")
+    assert str(info.value) == (
+        f"the LengthEval suite runs the whole model on each device (one device or DDP), not under {strategy}; "
+        "stack configs/strategies/single.yaml or ddp.yaml, and make a sharded checkpoint one file first "
+        "(python -m hsa_lightning.lit.consolidate FOLDER)")

@@ -22,6 +22,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.aggregation import SumMetric
 
@@ -56,6 +57,13 @@ class LengthEval(Callback):
         self.generate, self.max_new_tokens, self.last_tokens = generate, max_new_tokens, last_tokens
 
     # -- hooks -------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):  # before any model is built
+            raise ConfigError(
+                f"the LengthEval suite runs the whole model on each device (one device or DDP), not under "
+                f"{type(trainer.strategy).__name__}; stack configs/strategies/single.yaml or ddp.yaml, and make a "
+                f"sharded checkpoint one file first (python -m hsa_lightning.lit.consolidate FOLDER)")
+
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         data = trainer.datamodule
         if not isinstance(data, LengthEvalData):

@@ -40,10 +40,6 @@ def prepare(model: HSALM, config: ParallelConfig, mesh=None) -> HSALM:
     then of the root (the embedding, tied head and final norm). ``loss`` becomes an FSDP entry point
     beside ``forward``."""
     units = model.units()
-    if config.compile:
-        # units share their forward code, so each kind of unit and each new length is another entry of
-        # one frame's cache; past the limit dynamo would quietly run the rest eagerly
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(units) + 8)
     for unit in units:
         unit.recompute = config.activation_checkpointing
         if config.compile:
