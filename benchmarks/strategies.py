@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from hsa_lightning.model.hsalm import HSALM
 from hsa_lightning.params import lit_module
 
 
@@ -54,7 +53,7 @@ def main() -> None:
     init = work / "init.pt"
     m = lit_module(args.config)
     torch.manual_seed(0)  # the config's own init, once, so every run starts from these weights
-    model = HSALM(m.config, m.attention, m.layout, m.position, m.ffn)
+    model = m.build_model()
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, init)
     half = args.steps // 2
     common = ["--config", args.config, "--model.init_weights", str(init), "--trainer.max_steps", str(args.steps),

@@ -35,7 +35,7 @@ def build(config: str, overrides: dict, parallel: ParallelConfig, device) -> HSA
         spec = yaml.safe_load(f)["model"]
     spec.update(overrides)
     m = module_from_spec(spec)
-    model = HSALM(m.config, m.attention, m.layout, m.position, m.ffn).to(device)
+    model = m.build_model().to(device)
     return prepare(model, parallel)
 
 

@@ -41,10 +41,8 @@ def count(config_path: str) -> tuple[int, int]:
 
 def count_module(m) -> tuple[int, int]:
     """(total, active per token) parameters of an HSALitModule's model, built on the meta device."""
-    from hsa_lightning.model.hsalm import HSALM
-
     with torch.device("meta"):  # shapes only, no memory
-        model = HSALM(m.config, m.attention, m.layout, m.position, m.ffn)
+        model = m.build_model()
     return model.num_parameters(), model.num_parameters(active=True)
 
 

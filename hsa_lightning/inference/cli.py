@@ -42,12 +42,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def load_model(config_path: str, ckpt_path: str | None, device: torch.device, dtype: torch.dtype):
     """HSALM built from a training YAML's model section, with a checkpoint's weights (None: fresh init)."""
-    from hsa_lightning.model.hsalm import HSALM
     from hsa_lightning.params import lit_module
 
     module = lit_module(config_path)
     module.attention.check_runtime(device, dtype)
-    module.model = HSALM(module.config, module.attention, module.layout, module.position, module.ffn)
+    module.model = module.build_model()
     if ckpt_path is not None:
         module.load_weights(ckpt_path)  # with a clear error when the checkpoint does not match
     return module.model.to(device=device, dtype=dtype)

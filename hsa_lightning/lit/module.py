@@ -94,10 +94,10 @@ class HSALitModule(L.LightningModule):
         self.attention.check_runtime(device, self._compute_dtype())
         mesh = self._fsdp2_mesh()
         if mesh is None:
-            self.model = prepare(self._build(), self.parallel)
+            self.model = prepare(self.build_model(), self.parallel)
         else:  # FSDP2: build on the meta device, shard, then allocate each rank's shards only
             with torch.device("meta"):
-                model = self._build()
+                model = self.build_model()
             self.model = prepare(model, self.parallel, mesh)
             materialize(self.model, device)
         if self.hparams.init_weights:
@@ -105,7 +105,8 @@ class HSALitModule(L.LightningModule):
         total, active = self.model.num_parameters(), self.model.num_parameters(active=True)
         rank_zero_info(f"HSALM: {total / 1e6:,.1f}M parameters, {active / 1e6:,.1f}M active per token")
 
-    def _build(self) -> HSALM:
+    def build_model(self) -> HSALM:
+        """A fresh HSALM of this module's config and plugins (not prepared, not kept)."""
         return HSALM(self.config, self.attention, self.layout, self.position, self.ffn)
 
     def _fsdp2_mesh(self):
