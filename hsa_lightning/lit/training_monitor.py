@@ -52,7 +52,8 @@ class TrainingMonitor(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
-        pl_module.log("train/grad_norm", gradient_norm(pl_module.parameters(), sharded), on_step=True, on_epoch=False)
+        norm = gradient_norm(pl_module.parameters(), sharded, pl_module.device)
+        pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ids = batch["input_ids"]
@@ -73,12 +74,13 @@ class TrainingMonitor(L.Callback):
         self.tokens_seen = state_dict["tokens_seen"]
 
 
-def gradient_norm(parameters, sharded: bool) -> torch.Tensor:
+def gradient_norm(parameters, sharded: bool, device: torch.device) -> torch.Tensor:
     """The global L2 norm of the gradients. ``sharded``: each rank holds a disjoint part of them (FSDP1's
     flat shards, FSDP2's DTensor shards), so the squared norms are summed over ranks."""
     squares = [torch.linalg.vector_norm((g.to_local() if isinstance(g, DTensor) else g).float()) ** 2
                for g in (p.grad for p in parameters) if g is not None]
-    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    # a rank may hold no gradient shard at all; its zero still joins the (NCCL: on-device) all-reduce
+    total = torch.stack(squares).sum() if squares else torch.zeros((), device=device)
     if sharded and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
     return total.sqrt()
