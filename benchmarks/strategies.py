@@ -47,7 +47,16 @@ def main() -> None:
     ap.add_argument("--tokens_per_step", type=int, default=32768, help="global; each of 2 GPUs takes half")
     ap.add_argument("--work", default="/tmp/strategies")
     ap.add_argument("--out", default="docs/bench/strategies.json")
+    ap.add_argument("--reuse_one_gpu", action="store_true",
+                    help="take the one-GPU curve from an earlier --out file instead of training it again")
     args = ap.parse_args()
+    earlier = None
+    if args.reuse_one_gpu:
+        with open(args.out) as f:
+            earlier = json.load(f)
+        if earlier["meta"]["steps"] != args.steps or earlier["meta"]["config"] != args.config:
+            raise SystemExit(f"--reuse_one_gpu: {args.out} holds {earlier['meta']['steps']} steps of "
+                             f"{earlier['meta']['config']}, not {args.steps} of {args.config}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     init = work / "init.pt"
@@ -63,15 +72,20 @@ def main() -> None:
            "--data.init_args.tokens_per_batch", str(args.tokens_per_step // 2)]
     every = ["--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", str(half),
              "--trainer.callbacks.save_top_k", "-1"]
-    wall = {"one_gpu": fit(work / "one", [*common, "--trainer.devices", "1",
-                                          "--data.init_args.tokens_per_batch", str(args.tokens_per_step)])}
+    wall = {}
+    if earlier is None:
+        wall["one_gpu"] = fit(work / "one", [*common, "--trainer.devices", "1",
+                                             "--data.init_args.tokens_per_batch", str(args.tokens_per_step)])
     wall["two_gpu_fsdp2"] = fit(work / "two", [*common, *two, *every])
     (mid,) = (work / "two").glob(f"lightning_logs/version_0/checkpoints/*step={half}.ckpt")
     wall["two_gpu_resumed"] = fit(work / "resumed", [*common, *two, "--ckpt_path", str(mid)])
-    curves = {name: curve(work / d) for name, d in (("one_gpu", "one"), ("two_gpu_fsdp2", "two"),
-                                                   ("two_gpu_resumed", "resumed"))}
-    vals = {name: curve(work / d, "val/loss") for name, d in (("one_gpu", "one"), ("two_gpu_fsdp2", "two"),
-                                                             ("two_gpu_resumed", "resumed"))}
+    runs = (("one_gpu", "one"), ("two_gpu_fsdp2", "two"), ("two_gpu_resumed", "resumed"))[earlier is not None:]
+    curves = {name: curve(work / d) for name, d in runs}
+    vals = {name: curve(work / d, "val/loss") for name, d in runs}
+    if earlier is not None:
+        curves = {"one_gpu": {int(s): v for s, v in earlier["curves"]["one_gpu"].items()}, **curves}
+        vals = {"one_gpu": {int(s): v for s, v in earlier.get("val_loss", {}).get("one_gpu", {}).items()}, **vals}
+        wall = {"one_gpu": earlier["meta"].get("wall_s", {}).get("one_gpu"), **wall}
 
     def window_mean(c, end, width=20):
         xs = [v for s, v in c.items() if end - width <= s < end]

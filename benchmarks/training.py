@@ -72,7 +72,10 @@ def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int,
             for _ in range(profile):
                 step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        events = prof.key_averages()
+        print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+        busy = sum(e.self_device_time_total for e in events) / 1e3 / profile
+        print(f"GPU busy {busy:.1f} ms per step of {dt * 1e3:.1f} ms wall")
     tokens = batch * L
     return {"batch": batch, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "warmup_s": first,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}

@@ -244,7 +244,7 @@ def gpu_runs(tmp_path_factory):
 def test_compiled_and_checkpointed_units_match_eager_on_cuda():
     from hsa_lightning.lit.parallel import ParallelConfig, prepare
 
-    ids = torch.randint(0, 64, (2, 1024), device="cuda")
+    ids = torch.randint(0, 64, (2, 1025), device="cuda")  # 1024 tokens: the FlexAttention path
     results = {}
     for name, parallel in (("eager", ParallelConfig()), ("compiled", ParallelConfig(compile=True)),
                            ("both", ParallelConfig(compile=True, activation_checkpointing=True))):

@@ -44,6 +44,37 @@ def test_activation_checkpointing_recomputes_the_same_loss_and_gradients(ffn):
         torch.testing.assert_close(ac_grads[name], grad, rtol=1e-12, atol=1e-12, msg=name)
 
 
+def test_compiled_units_match_eager_with_one_graph_per_kind_of_unit_and_length(monkeypatch):
+    """Per-unit compilation: the same loss and gradients as eager, no graph break, and one graph per kind of
+    unit (chunk encoder, block, HSA block) and length, so a curriculum's lengths never exhaust a shared
+    recompile limit. aot_eager keeps it fast on CPU; GPU runs (test_gpu.py) use inductor."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    layout = ("UltraLong", {"groups": 2})
+    eager = build_model(layout=layout, dtype=torch.float32).train()
+    compiled = prepare(build_model(layout=layout, dtype=torch.float32).train(), ParallelConfig(compile=True))
+    assert [type(u).__name__ for u in compiled.units()] == ["ChunkEncoder", "Block", "Block", "HSABlock", "HSABlock"]
+    for T in (45, 64, 45):  # 45: not a multiple of the chunk size; back to 45: no new graph
+        ids = torch.randint(0, 64, (2, T))
+        grads = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            nll, n = model.loss(ids, ids)
+            (nll / n).backward()
+            grads.append((nll.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+        (eager_nll, eager_grads), (compiled_nll, compiled_grads) = grads
+        torch.testing.assert_close(compiled_nll, eager_nll, rtol=1e-5, atol=1e-5)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 3 * 2
+    torch._dynamo.reset()
+
+
 # -- every strategy from one config (subprocesses) -------------------------------------------------
 STEPS = 4
 GLOBAL_BATCH = 4

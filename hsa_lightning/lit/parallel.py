@@ -43,7 +43,10 @@ def prepare(model: HSALM, config: ParallelConfig, mesh=None) -> HSALM:
     for unit in units:
         unit.recompute = config.activation_checkpointing
         if config.compile:
-            unit.compile()  # in place: the module and its parameter names stay
+            # The unit's own ``compute``, so each kind of unit (its class's code object) has its own dynamo
+            # cache and recompile limit; static shapes, so a new length (a curriculum stage) compiles its own
+            # graphs instead of turning all of them dynamic. Module and parameter names stay.
+            unit.compute = torch.compile(unit.compute, dynamic=False)
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 

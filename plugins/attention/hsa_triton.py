@@ -87,6 +87,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@torch.compiler.disable  # dynamo would trace through the cache and rebuild the mask on every call
 @functools.lru_cache(maxsize=64)
 def _sliding_window_block_mask(T: int, window: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
@@ -99,7 +100,11 @@ def _sliding_window_block_mask(T: int, window: int, device: str):
 
 
 def _flex_sliding_window(q, k, v, window):
+    from torch.nn.attention.flex_attention import flex_attention
+
     mask = _sliding_window_block_mask(q.shape[1], window, str(q.device))
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
-    out = _compiled_flex()(qh, kh, vh, block_mask=mask, enable_gqa=qh.shape[1] != kh.shape[1])
+    # inside a compiled unit flex_attention joins the unit's graph; eagerly it needs its own compile
+    flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    out = flex(qh, kh, vh, block_mask=mask, enable_gqa=qh.shape[1] != kh.shape[1])
     return out.transpose(1, 2)
