@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from hsa_lightning.params import lit_module
 
 def fit(root: Path, args: list[str]) -> float:
     print(f"fit -> {root}", flush=True)
+    shutil.rmtree(root, ignore_errors=True)  # a run of an earlier invocation would be read as this one's
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "cli.py", "fit", *args, "--trainer.default_root_dir", str(root)],
                          capture_output=True, text=True)
@@ -83,8 +85,12 @@ def main() -> None:
     curves = {name: curve(work / d) for name, d in runs}
     vals = {name: curve(work / d, "val/loss") for name, d in runs}
     if earlier is not None:
-        curves = {"one_gpu": {int(s): v for s, v in earlier["curves"]["one_gpu"].items()}, **curves}
-        vals = {"one_gpu": {int(s): v for s, v in earlier.get("val_loss", {}).get("one_gpu", {}).items()}, **vals}
+        one = earlier["curves"]["one_gpu"]
+        one_val = earlier.get("val_loss", {}).get("one_gpu", {})
+        if "train/loss" in one:  # the first runs' file kept every logged metric per run
+            one, one_val = one["train/loss"], one.get("val/loss", {})
+        curves = {"one_gpu": {int(s): v for s, v in one.items()}, **curves}
+        vals = {"one_gpu": {int(s): v for s, v in one_val.items()}, **vals}
         wall = {"one_gpu": earlier["meta"].get("wall_s", {}).get("one_gpu"), **wall}
 
     def window_mean(c, end, width=20):

@@ -59,23 +59,25 @@ class Embedding(nn.Embedding):
 
 
 def chunked_cross_entropy(
-    hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+    hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+    slice_nll=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token NLLs and the number of scored tokens, without a (B*T, V) fp32 logit tensor.
 
     Logits are built ``chunk_tokens`` rows at a time and recomputed in backward (checkpointed), so peak
-    memory is one slice's logits. Labels equal to -100 are ignored.
+    memory is one slice's logits. Labels equal to -100 are ignored. ``slice_nll`` (default
+    ``nll_of_slice``) scores one slice; a compiled one fuses the float cast, log-softmax and its gradient.
     """
+    slice_nll = slice_nll or nll_of_slice
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_tokens):
-        sl = slice(start, start + chunk_tokens)
-        total = total + torch.utils.checkpoint.checkpoint(
-            _slice_nll, h[sl], head_weight, y[sl], use_reentrant=False
-        )
+    # split, not slicing: the backward joins the slices' gradients in one concatenation, where each slice
+    # would add a zero-filled full-size gradient
+    for h_part, y_part in zip(h.split(chunk_tokens), y.split(chunk_tokens)):
+        total = total + torch.utils.checkpoint.checkpoint(slice_nll, h_part, head_weight, y_part, use_reentrant=False)
     return total, (y != -100).sum()
 
 
-def _slice_nll(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def nll_of_slice(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100, reduction="sum")
