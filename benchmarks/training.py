@@ -39,7 +39,8 @@ def build(config: str, overrides: dict, parallel: ParallelConfig, device) -> HSA
     return prepare(model, parallel)
 
 
-def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int, profile: int = 0) -> dict:
+def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int, profile: int = 0,
+            sync_debug: bool = False) -> dict:
     device = next(model.parameters()).device
     batch = max(tokens_per_step // L, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -65,15 +66,26 @@ def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int,
         step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - start) / steps
+    if sync_debug:  # one more step, reporting every operation that makes the host wait for the GPU
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+        torch.cuda.set_sync_debug_mode(0)
+        syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+        print(f"{len(syncs)} synchronizing operations in one step" + "".join(f"\n  {m}" for m in dict.fromkeys(syncs)))
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(profile):
                 step()
             torch.cuda.synchronize()
         events = prof.key_averages()
         print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
+        print(events.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=90))
         busy = sum(e.self_device_time_total for e in events) / 1e3 / profile
         print(f"GPU busy {busy:.1f} ms per step of {dt * 1e3:.1f} ms wall")
     tokens = batch * L
@@ -92,6 +104,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", type=int, default=0, help="also profile this many steps per row (kernel table)")
+    ap.add_argument("--sync_debug", type=int, default=0, help="report the operations that wait for the GPU in one step")
     ap.add_argument("--out", default="docs/bench/training.json")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -110,7 +123,8 @@ def main() -> None:
             model = build(args.config, overrides, parallel, device)
             for L in (int(x) for x in args.lengths.split(",")):
                 row = {"model": variant, "compile": compiled, "L": L, "parameters": model.num_parameters(),
-                       **measure(model, L, args.tokens_per_step, args.warmup, args.steps, args.profile)}
+                       **measure(model, L, args.tokens_per_step, args.warmup, args.steps, args.profile,
+                                  bool(args.sync_debug))}
                 row["flops_per_token"] = model.flops_per_token(L)
                 if peak:
                     row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (peak * 1e12)
