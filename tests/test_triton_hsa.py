@@ -143,3 +143,24 @@ def test_mixed_input_dtypes_are_cast_to_the_narrowest():
     assert out.dtype == torch.float16
     assert rel(out.float(), hsa_attention_reference(q, k, v, w, idx, 16)) < 1e-2
     assert [t.dtype for t in parallel.common_dtype(k, q.bfloat16(), k.double())] == [torch.bfloat16] * 3
+
+
+def test_custom_ops_agree_with_their_fake_implementations():
+    """What torch.compile traces: torch.library.opcheck runs the HSA op (whose forward also returns the
+    chunk union the backward reuses) and the fused selection eagerly and on fake tensors, and checks their
+    schemas, autograd registrations and AOT dispatch."""
+    from hsa_lightning.kernels.retrieval import parallel as retrieval
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, Hkv, D, S, K = 1, 100, 4, 2, 16, 16, 3  # T not a multiple of S
+    C = -(-T // S)
+    q = torch.randn(B, T, H, D, generator=g, requires_grad=True)
+    k = torch.randn(B, C * S, Hkv, D, generator=g, requires_grad=True)
+    v = torch.randn(B, C * S, Hkv, D, generator=g, requires_grad=True)
+    idx, w = selection("retrieval", B, T, Hkv, C, S, K, g)
+    torch.library.opcheck(parallel._hsa_attention_op, (q, k, v, w.requires_grad_(), idx, S, 0.25))
+    q_slc = torch.randn(B, T, Hkv, 16, generator=g, requires_grad=True)
+    landmarks = torch.randn(B, C, Hkv, 16, generator=g, requires_grad=True)
+    # (opcheck's AOT test sums every output into the first one's dtype, int64 indices here: it cannot run)
+    torch.library.opcheck(retrieval._select_op, (q_slc, landmarks, K, S, 0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

@@ -321,7 +321,8 @@ def _check(q, k, v, weights, indices, chunk_size):
         raise ValueError(f"indices {tuple(indices.shape)} / weights {tuple(weights.shape)} must be (B, T, Hkv, K)")
 
 
-def hsa_forward(q, k, v, weights, indices, chunk_size: int, scale: float) -> torch.Tensor:
+def hsa_forward(q, k, v, weights, indices, chunk_size: int, scale: float):
+    """The output and the token blocks' chunk union (union, count), which the backward reuses."""
     _check(q, k, v, weights, indices, chunk_size)
     # the memory may be a strided prefix of an inference cache: never copy it, it can be gigabytes
     q, k, v = q.contiguous(), inner_contiguous(k), inner_contiguous(v)
@@ -341,17 +342,17 @@ def hsa_forward(q, k, v, weights, indices, chunk_size: int, scale: float) -> tor
         T, Hkv, scale,
         G=H // Hkv, G_PAD=g_pad, BT=bt, S=chunk_size, D=D, KSEL=K, K_PAD=_pow2(K),
     )
-    return o
+    return o, union, count
 
 
-def hsa_backward(do, q, k, v, weights, indices, chunk_size: int, scale: float):
+def hsa_backward(do, q, k, v, weights, indices, union, count, chunk_size: int, scale: float):
+    """``union`` and ``count``: the forward's ``block_union`` of ``indices``."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     weights, indices = weights.float().contiguous(), indices.to(torch.int32).contiguous()
     B, T, H, D = q.shape
     Lm, Hkv, K = k.shape[1], k.shape[2], indices.shape[-1]
     G = H // Hkv
     bt, g_pad = tile_shape(G)
-    union, count = block_union(indices, bt)
     dq = torch.empty_like(q)
     dw = torch.empty_like(weights)
     _hsa_bwd_dq_kernel[(triton.cdiv(T, bt), B * Hkv)](
@@ -389,36 +390,46 @@ def hsa_backward(do, q, k, v, weights, indices, chunk_size: int, scale: float):
 # -- autograd: a custom op with a fake implementation, so torch.compile treats it as opaque ----------
 @torch.library.custom_op("hsa_lightning::hsa_attention", mutates_args=())
 def _hsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
-                      indices: torch.Tensor, chunk_size: int, scale: float) -> torch.Tensor:
+                      indices: torch.Tensor, chunk_size: int,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return hsa_forward(q, k, v, weights, indices, chunk_size, scale)
 
 
 @_hsa_attention_op.register_fake
 def _(q, k, v, weights, indices, chunk_size, scale):
-    return torch.empty_like(q)
+    B, T, H, _ = q.shape
+    Hkv, K = k.shape[2], indices.shape[-1]
+    bt, _ = tile_shape(H // Hkv)
+    nb = -(-T // bt)
+    return (torch.empty_like(q), q.new_empty((B, Hkv, nb, bt * K), dtype=torch.int32),
+            q.new_empty((B, Hkv, nb), dtype=torch.int32))
 
 
 @torch.library.custom_op("hsa_lightning::hsa_attention_backward", mutates_args=())
 def _hsa_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               weights: torch.Tensor, indices: torch.Tensor, chunk_size: int,
+                               weights: torch.Tensor, indices: torch.Tensor, union: torch.Tensor,
+                               count: torch.Tensor, chunk_size: int,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return hsa_backward(do, q, k, v, weights, indices, chunk_size, scale)
+    return hsa_backward(do, q, k, v, weights, indices, union, count, chunk_size, scale)
 
 
 @_hsa_attention_backward_op.register_fake
-def _(do, q, k, v, weights, indices, chunk_size, scale):
+def _(do, q, k, v, weights, indices, union, count, chunk_size, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(weights, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, weights, indices, chunk_size, scale = inputs
-    ctx.save_for_backward(q, k, v, weights, indices)
+    _, union, count = output
+    ctx.save_for_backward(q, k, v, weights, indices, union, count)
+    ctx.mark_non_differentiable(union, count)
     ctx.chunk_size, ctx.scale = chunk_size, scale
 
 
-def _backward(ctx, do):
-    q, k, v, weights, indices = ctx.saved_tensors
-    dq, dk, dv, dw = _hsa_attention_backward_op(do, q, k, v, weights, indices, ctx.chunk_size, ctx.scale)
+def _backward(ctx, do, _dunion, _dcount):
+    q, k, v, weights, indices, union, count = ctx.saved_tensors
+    dq, dk, dv, dw = _hsa_attention_backward_op(do, q, k, v, weights, indices, union, count,
+                                                ctx.chunk_size, ctx.scale)
     return dq, dk, dv, dw.to(weights.dtype), None, None, None
 
 
@@ -431,7 +442,7 @@ def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: to
     weights float and indices int64 (B,T,Hkv,K)); differentiable in q, k, v and weights."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = common_dtype(q, k, v)
-    return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale)
+    return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale)[0]
 
 
 def inner_contiguous(x: torch.Tensor) -> torch.Tensor:
