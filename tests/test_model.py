@@ -155,3 +155,24 @@ def test_masked_documents_do_not_see_each_other(attention):
             torch.testing.assert_close(model(doc), out, rtol=1e-4, atol=1e-6)
     unmasked = model(packed)[:, first_len:]  # without the mask the first document does leak in
     assert not torch.allclose(unmasked, out, **tol)
+
+
+def test_rope_table_keeps_float64_angles_and_is_an_opaque_op():
+    """cos/sin come from float64 angles even at 16M positions; relative positions are all that matter;
+    the table is a custom op (its fake implementation checked), so torch.compile never fuses its float64
+    trigonometry into every element of q and k."""
+    from hsa_lightning.plugins.position.rope import RoPE, rope_table
+
+    positions = torch.tensor([0, 1, 4095, 16_000_000])
+    cos, sin = rope_table(positions, 8, 10000.0)
+    angles = positions.double()[:, None] * 10000.0 ** (-torch.arange(8, dtype=torch.float64) / 8)
+    torch.testing.assert_close(cos, angles.cos().float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(sin, angles.sin().float(), rtol=0, atol=1e-7)
+    torch.library.opcheck(rope_table, (positions, 8, 10000.0))
+    rope, q, k = RoPE(), torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def dot(p_q, p_k):
+        return (rope.rotate(q, torch.tensor([p_q])) * rope.rotate(k, torch.tensor([p_k]))).sum()
+
+    torch.testing.assert_close(dot(5, 2), dot(1_000_005, 1_000_002), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dot(5, 2), dot(5, 3), rtol=1e-3)

@@ -36,9 +36,9 @@ class ParallelConfig:
 
 
 def prepare(model: HSALM, config: ParallelConfig, mesh=None) -> HSALM:
-    """Checkpointing and compilation per unit (compilation also of the loss of a slice); with a device ``mesh``, FSDP2 sharding of every unit and
-    then of the root (the embedding, tied head and final norm). ``loss`` becomes an FSDP entry point
-    beside ``forward``."""
+    """Checkpointing and compilation per unit (compilation also of the loss of a slice); with a device
+    ``mesh``, FSDP2 sharding of every unit and then of the root (the embedding, tied head and final norm).
+    ``loss`` becomes an FSDP entry point beside ``forward``."""
     units = model.units()
     for unit in units:
         unit.recompute = config.activation_checkpointing
