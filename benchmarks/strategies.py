@@ -85,13 +85,9 @@ def main() -> None:
     curves = {name: curve(work / d) for name, d in runs}
     vals = {name: curve(work / d, "val/loss") for name, d in runs}
     if earlier is not None:
-        one = earlier["curves"]["one_gpu"]
-        one_val = earlier.get("val_loss", {}).get("one_gpu", {})
-        if "train/loss" in one:  # the first runs' file kept every logged metric per run
-            one, one_val = one["train/loss"], one.get("val/loss", {})
-        curves = {"one_gpu": {int(s): v for s, v in one.items()}, **curves}
-        vals = {"one_gpu": {int(s): v for s, v in one_val.items()}, **vals}
-        wall = {"one_gpu": earlier["meta"].get("wall_s", {}).get("one_gpu"), **wall}
+        curves = {"one_gpu": {int(s): v for s, v in earlier["curves"]["one_gpu"].items()}, **curves}
+        vals = {"one_gpu": {int(s): v for s, v in earlier["val_loss"]["one_gpu"].items()}, **vals}
+        wall = {"one_gpu": earlier["meta"]["wall_s"]["one_gpu"], **wall}
 
     def window_mean(c, end, width=20):
         xs = [v for s, v in c.items() if end - width <= s < end]

@@ -10,6 +10,11 @@ tokens per step (batch = tokens_per_step / L), the model prepared as ``configure
 ``HSALM.flops_per_token(L)`` x tokens/s / peak (989 TFLOP/s dense bf16 on H100/H200): model FLOPs count
 what each architecture needs (HSA: window + top-k chunks + retrieval scores; dense: the causal triangle),
 so the dense model's MFU counts its quadratic attention as useful work. Prints a markdown table, writes JSON.
+
+Diagnosis: ``--profile N`` prints the kernel and CPU tables of N more steps and the GPU's busy time per
+step (against the wall time, to see host stalls); ``--sync_debug 1`` lists the operations that make the
+host wait for the GPU in one step. With a cold cache the first compiled HSA step takes about 4 minutes
+(Triton autotuning, then inductor).
 """
 from __future__ import annotations
 
