@@ -46,8 +46,9 @@ def test_activation_checkpointing_recomputes_the_same_loss_and_gradients(ffn):
 
 def test_compiled_units_match_eager_with_one_graph_per_kind_of_unit_and_length(monkeypatch):
     """Per-unit compilation: the same loss and gradients as eager, no graph break (RoPE's table is an opaque
-    op), and one graph per kind of unit (chunk encoder, block, HSA block) and length, so a curriculum's lengths never exhaust a shared
-    recompile limit. aot_eager keeps it fast on CPU; GPU runs (test_gpu.py) use inductor."""
+    op), and one graph per kind of unit (chunk encoder, block, HSA block) and length, so a curriculum's
+    lengths never exhaust a shared recompile limit. aot_eager keeps it fast on CPU; GPU runs (test_gpu.py)
+    use inductor."""
     from torch._dynamo.utils import counters
 
     compile_ = torch.compile

@@ -42,12 +42,13 @@ def prepare(model: HSALM, config: ParallelConfig, mesh=None) -> HSALM:
     units = model.units()
     for unit in units:
         unit.recompute = config.activation_checkpointing
-        if config.compile:
-            # The unit's own ``compute``, so each kind of unit (its class's code object) has its own dynamo
-            # cache and recompile limit; static shapes, so a new length (a curriculum stage) compiles its own
-            # graphs instead of turning all of them dynamic. Module and parameter names stay.
+    if config.compile:
+        # Each unit's own ``compute``, so each kind of unit (its class's code object) has its own dynamo
+        # cache and recompile limit; static shapes, so a new length (a curriculum stage) compiles its own
+        # graphs instead of turning all of them dynamic. Module and parameter names stay.
+        for unit in units:
             unit.compute = torch.compile(unit.compute, dynamic=False)
-    if config.compile:  # the loss: one pass over each slice's logits instead of cast, log-softmax, gather
+        # the loss: one pass over each slice's logits instead of cast, log-softmax, gather
         model.slice_nll = torch.compile(model.slice_nll, dynamic=False)
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
