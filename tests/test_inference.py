@@ -21,10 +21,11 @@ def engine(model, max_tokens=128, batch_size=2, segment_len=16, **kw):
                            progress=False, **kw)
 
 
-@pytest.mark.parametrize("attention", ["HSAReference", "Flash"])
+@pytest.mark.parametrize("attention", ["HSAReference", "Flash", "HSAReference+position_in_hsa"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"{x[0]}{x[1]}")
 def test_segmented_prefill_then_decode_equals_full_forward(attention, layout):
-    model = build_model(attention, layout).eval()
+    attention, _, option = attention.partition("+")
+    model = build_model(attention, layout, **({option: True} if option else {})).eval()
     x = torch.randint(0, 64, (2, 77))  # 9 chunks of 8 and a partial one
     full = model(x)
     for segment_len in (5, 8, 77):  # misaligned, chunk-aligned, one segment

@@ -28,7 +28,8 @@ def test_future_tokens_never_change_past_logits(attention, layout):
 
 
 @pytest.mark.parametrize("fusion", ["stick_breaking", "joint"])
-@pytest.mark.parametrize("options", [{}, {"landmark": "mean", "recency_bias": True, "hsa_residual": "standard"}])
+@pytest.mark.parametrize("options", [{}, {"landmark": "mean", "recency_bias": True, "hsa_residual": "standard"},
+                                     {"position_in_hsa": True}])
 def test_causality_holds_for_hsa_options(fusion, options):
     model = build_model(fusion=fusion, **options).eval()
     x = torch.randint(0, 64, (1, 40))
@@ -176,3 +177,23 @@ def test_rope_table_keeps_float64_angles_and_is_an_opaque_op():
 
     torch.testing.assert_close(dot(5, 2), dot(1_000_005, 1_000_002), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(dot(5, 2), dot(5, 3), rtol=1e-3)
+
+
+def test_position_in_hsa_rotates_hsa_queries_and_memory_keys_by_relative_position():
+    """With RoPE inside HSA, the memory built from a sequence starting at ``start`` and queries moved by the
+    same offset give the same HSA output (only relative positions count); without it HSA ignores positions,
+    so an offset memory is the same memory, and the option changes what the model computes."""
+    model = build_model(position_in_hsa=True).eval()
+    block = next(b for b in model.blocks if type(b).__name__ == "HSABlock")
+    h = torch.randn(1, 40, model.config.d_model, dtype=torch.float64)
+    at0, at64 = model.encoder(h), model.encoder(h, 64)
+    torch.testing.assert_close(at0.v, at64.v, rtol=0, atol=0)
+    torch.testing.assert_close(at0.landmarks, at64.landmarks, rtol=0, atol=0)
+    assert not torch.allclose(at0.k, at64.k)
+    positions = torch.arange(40)
+    out0 = block(h, positions, at0)
+    torch.testing.assert_close(block(h, positions + 64, at64), out0, rtol=1e-5, atol=1e-6)  # float32 RoPE tables
+    assert not torch.allclose(block(h, positions, at64), out0)  # a key offset alone changes the output
+    plain = build_model(position_in_hsa=False).eval()
+    torch.testing.assert_close(plain.encoder(h, 64).k, plain.encoder(h).k, rtol=0, atol=0)
+    assert not torch.allclose(plain(torch.arange(40)[None] % 64), model(torch.arange(40)[None] % 64))

@@ -119,11 +119,12 @@ def test_dkdv_work_items_tile_every_chunk_list_exactly(monkeypatch):
     assert first.tolist() == [[[-1, 0, -1, 3]]]
 
 
-def test_model_with_hsatriton_matches_hsareference():
+@pytest.mark.parametrize("position_in_hsa", [False, True])
+def test_model_with_hsatriton_matches_hsareference(position_in_hsa):
     ref = build_model("HSAReference", ("UltraLong", {"groups": 2}), dtype=torch.float32, chunk_size=16,
-                      d_model=64, head_dim=16, n_heads=4, hsa_kv_heads=1, top_k=2)
+                      d_model=64, head_dim=16, n_heads=4, hsa_kv_heads=1, top_k=2, position_in_hsa=position_in_hsa)
     tri = build_model("HSATriton", ("UltraLong", {"groups": 2}), dtype=torch.float32, chunk_size=16,
-                      d_model=64, head_dim=16, n_heads=4, hsa_kv_heads=1, top_k=2)
+                      d_model=64, head_dim=16, n_heads=4, hsa_kv_heads=1, top_k=2, position_in_hsa=position_in_hsa)
     tri.load_state_dict(ref.state_dict())
     x = torch.randint(0, 64, (2, 53))
     a, b = ref(x), tri(x)

@@ -137,8 +137,8 @@ class InferenceEngine:
         if self.store is not None:
             h = x if self.pending is None else torch.cat([self.pending, x], 1)
             complete = h.shape[1] // self.store.chunk_size * self.store.chunk_size
-            if complete:
-                self.store.append(self.model.encoder(h[:, :complete]))
+            if complete:  # h starts where the pending (incomplete-chunk) tokens do
+                self.store.append(self.model.encoder(h[:, :complete], self.position + T - h.shape[1]))
             self.pending = h[:, complete:].clone()
         self.position += T
         return x

@@ -44,7 +44,7 @@ class HSABlock(Recomputable):
 
         sel = Retrieval(x)                          (from the layer's input)
         x1  = x + SWA(norm(x))                      (RoPE, window ``hsa_window``)
-        a   = o_proj(HSA(q_norm(q_proj(norm(x1))), memory, sel))   (NoPE)
+        a   = o_proj(HSA(q_norm(q_proj(norm(x1))), memory, sel))   (NoPE; ``position_in_hsa``: rotated)
         y   = x1 + MLP(norm(x1 + a))                (bypass; ``standard``: (x1 + a) + MLP(norm(x1 + a)))
     """
 
@@ -62,6 +62,7 @@ class HSABlock(Recomputable):
         self.q_proj = Linear(d, H * D, cfg.init_std)
         self.q_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.o_proj = Linear(H * D, d, _out_std(cfg))
+        self.position = position if cfg.position_in_hsa else None
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.mlp = ffn.build(d, layer_index, cfg.init_std, _out_std(cfg))
 
@@ -76,6 +77,8 @@ class HSABlock(Recomputable):
             memory, selection = memory.resident(selection)
         x1 = x + self.swa(self.swa_norm(x), positions, doc_start, cache)
         q = self.q_norm(self.q_proj(self.hsa_norm(x1)).view(B, T, self.n_heads, self.head_dim))
+        if self.position is not None:
+            q = self.position.rotate(q, positions)
         o = self.backend.memory_attention(q, memory, selection, **with_doc_start(doc_start),
                                           **with_query_start(query_start))
         a = self.o_proj(o.reshape(B, T, -1))

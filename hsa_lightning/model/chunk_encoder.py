@@ -3,7 +3,8 @@
 Per chunk of S tokens, a bidirectional encoder layer runs over the chunk plus a learned CLS vector
 appended at position S (RoPE over positions 0..S inside the chunk). K and V come from the encoded
 tokens, the landmark from the CLS output. Option ``landmark="mean"``: no encoder, the landmark is the
-mean of the normalised chunk. A sequence whose length is not a multiple of S is padded here; the
+mean of the normalised chunk. With ``position_in_hsa`` the keys are also rotated at their absolute
+positions ``start``.. (``start``: where ``h`` begins in the sequence). A sequence whose length is not a multiple of S is padded here; the
 padded chunk is incomplete, so the visibility rule never lets a real token read it.
 """
 from __future__ import annotations
@@ -40,13 +41,14 @@ class ChunkEncoder(Recomputable):
         self.k_norm = RMSNorm(D, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.landmark_proj = Linear(d, cfg.resolved_retrieval_dim, std)
         self.std = std
+        self.position = position if cfg.position_in_hsa else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.use_encoder:
             nn.init.normal_(self.cls, std=self.std)
 
-    def compute(self, h: torch.Tensor) -> ChunkMemory:
+    def compute(self, h: torch.Tensor, start: int = 0) -> ChunkMemory:
         B, T, d = h.shape
         S = self.S
         C = -(-T // S)
@@ -61,6 +63,8 @@ class ChunkEncoder(Recomputable):
             tokens = self.out_norm(x)
             summary = tokens.mean(dim=1)
         k = self.k_norm(self.k_proj(tokens).view(B, C * S, self.hkv, self.head_dim))
+        if self.position is not None:
+            k = self.position.rotate(k, torch.arange(start, start + C * S, device=h.device))
         v = self.v_proj(tokens).view(B, C * S, self.hkv, self.head_dim)
         landmarks = self.landmark_proj(summary).view(B, C, self.hkv, -1)
         return ChunkMemory(k=k, v=v, landmarks=landmarks, chunk_size=S)

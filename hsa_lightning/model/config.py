@@ -42,6 +42,9 @@ class ModelConfig:
     """Add Gumbel noise to the scores used for selection (training only; never to the weights)."""
     recency_bias: bool = False
     """Learnable bias slot_rank * theta on the selected scores (slots ordered most recent first)."""
+    position_in_hsa: bool = False
+    """Ablation: the position plugin also rotates HSA queries and the memory's keys at their absolute
+    positions (the paper's HSA is NoPE, which is what lets it read chunks far past the training length)."""
     hsa_residual: Literal["bypass", "standard"] = "bypass"
     """``bypass``: the HSA output reaches the stream only through the MLP input (the paper's)."""
     qk_norm: bool = True

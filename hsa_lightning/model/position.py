@@ -1,6 +1,6 @@
 """Position-encoding plugin kind: how SWA layers and the chunk encoder see token positions.
 
-Retrieval and HSA attention never use it (NoPE by design); only local attention does.
+Retrieval never uses it; HSA attention only with the ``position_in_hsa`` ablation (the paper's HSA is NoPE).
 """
 from __future__ import annotations
 
