@@ -4,8 +4,9 @@ Per chunk of S tokens, a bidirectional encoder layer runs over the chunk plus a 
 appended at position S (RoPE over positions 0..S inside the chunk). K and V come from the encoded
 tokens, the landmark from the CLS output. Option ``landmark="mean"``: no encoder, the landmark is the
 mean of the normalised chunk. With ``position_in_hsa`` the keys are also rotated at their absolute
-positions ``start``.. (``start``: where ``h`` begins in the sequence). A sequence whose length is not a multiple of S is padded here; the
-padded chunk is incomplete, so the visibility rule never lets a real token read it.
+positions ``start``.. (``start``: where ``h`` begins in the sequence). A sequence whose length is not a
+multiple of S is padded here; the padded chunk is incomplete, so the visibility rule never lets a real
+token read it.
 """
 from __future__ import annotations
 
