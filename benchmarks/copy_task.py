@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--gap-max", type=int, default=64, help="gaps are drawn from [0, gap-max); 0: fixed offset")
     p.add_argument("--position-in-hsa", action="store_true")
+    p.add_argument("--hsa-kv-heads", type=int, default=1, help="K/V heads of the chunk memory (of 4 query heads)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("-o", "--output", help="write the loss curve here as JSON")
     args = p.parse_args()
@@ -40,7 +41,7 @@ def main() -> None:
     vocab, n, batch, tail = 64, 96, 16, max(args.gap_max, 1)
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=sum(c in "SFH" for c in args.layout), n_heads=4,
-                      n_kv_heads=2, hsa_kv_heads=1, chunk_size=8, top_k=4, window=16,
+                      n_kv_heads=2, hsa_kv_heads=args.hsa_kv_heads, chunk_size=8, top_k=4, window=16,
                       position_in_hsa=args.position_in_hsa)
     build = lambda kind, name, **kw: registry(kind).get(name)(**kw)  # noqa: E731
     model = HSALM(cfg, build("attention", args.attention), build("layout", "Pattern", pattern=args.layout),
