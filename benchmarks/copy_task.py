@@ -21,7 +21,7 @@ import torch
 
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.hsalm import HSALM
-from hsa_lightning.registry import load_plugins, registry
+from hsa_lightning.registry import build_plugin, load_plugins
 
 
 def main() -> None:
@@ -43,11 +43,10 @@ def main() -> None:
     cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=sum(c in "SFH" for c in args.layout), n_heads=4,
                       n_kv_heads=2, hsa_kv_heads=args.hsa_kv_heads, chunk_size=8, top_k=4, window=16,
                       position_in_hsa=args.position_in_hsa)
-    build = lambda kind, name, **kw: registry(kind).get(name)(**kw)  # noqa: E731
-    model = HSALM(cfg, build("attention", args.attention), build("layout", "Pattern", pattern=args.layout),
-                  build("position", "RoPE"), build("ffn", "SwiGLU"))
-    if args.top_k != "4":
-        model.set_top_k("all" if args.top_k == "all" else int(args.top_k))
+    layout = {"class_path": "Pattern", "init_args": {"pattern": args.layout}}
+    model = HSALM(cfg, build_plugin("attention", args.attention), build_plugin("layout", layout),
+                  build_plugin("position", "RoPE"), build_plugin("ffn", "SwiGLU"))
+    model.set_top_k(args.top_k if args.top_k == "all" else int(args.top_k))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gaps = f"gaps < {args.gap_max}" if args.gap_max else "fixed offset"
     print(f"layout {args.layout}, {args.attention}, top-k {args.top_k}, {gaps}; "
