@@ -18,6 +18,7 @@ import math
 import time
 
 import torch
+import yaml
 
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.hsalm import HSALM
@@ -34,6 +35,8 @@ def main() -> None:
     p.add_argument("--position-in-hsa", action="store_true")
     p.add_argument("--hsa-kv-heads", type=int, default=1, help="K/V heads of the chunk memory (of 4 query heads)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ModelConfig field (YAML value), e.g. --set hsa_residual=standard; repeatable")
     p.add_argument("-o", "--output", help="write the loss curve here as JSON")
     args = p.parse_args()
 
@@ -42,7 +45,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=sum(c in "SFH" for c in args.layout), n_heads=4,
                       n_kv_heads=2, hsa_kv_heads=args.hsa_kv_heads, chunk_size=8, top_k=4, window=16,
-                      position_in_hsa=args.position_in_hsa)
+                      position_in_hsa=args.position_in_hsa, **dict(_override(item) for item in args.set))
     layout = {"class_path": "Pattern", "init_args": {"pattern": args.layout}}
     model = HSALM(cfg, build_plugin("attention", args.attention), build_plugin("layout", layout),
                   build_plugin("position", "RoPE"), build_plugin("ffn", "SwiGLU"))
@@ -72,6 +75,13 @@ def main() -> None:
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"args": vars(args), "chance": math.log(vocab), "curve": curve}, f, indent=1)
+
+
+def _override(item: str) -> tuple[str, object]:
+    field, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, e.g. hsa_residual=standard")
+    return field, yaml.safe_load(value)
 
 
 if __name__ == "__main__":
