@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--position-in-hsa", action="store_true")
     p.add_argument("--hsa-kv-heads", type=int, default=1, help="K/V heads of the chunk memory (of 4 query heads)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ModelConfig field (YAML value), e.g. --set hsa_residual=standard; repeatable")
     p.add_argument("-o", "--output", help="write the loss curve here as JSON")
@@ -42,7 +43,7 @@ def main() -> None:
 
     load_plugins()
     vocab, n, batch, tail = 64, 96, 16, max(args.gap_max, 1)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=sum(c in "SFH" for c in args.layout), n_heads=4,
                       n_kv_heads=2, hsa_kv_heads=args.hsa_kv_heads, chunk_size=8, top_k=4, window=16,
                       position_in_hsa=args.position_in_hsa, **dict(_override(item) for item in args.set))
