@@ -131,6 +131,20 @@ def test_samples_are_a_pure_function_of_the_seed():
     assert not np.array_equal(a.sample(a.cells[0], 0)["input_ids"], a.sample(a.cells[0], 1)["input_ids"])
 
 
+def test_report_plots_are_labelled_with_the_run_not_the_temporary_folder(tmp_path, monkeypatch):
+    from hsa_lightning.eval import report
+
+    labels = []
+    monkeypatch.setattr(report, "curves", lambda runs, path, perplexity: labels.extend(runs))
+    rows = [{"task": "vt", "length": 512, "depth": -1, "n": 2, "tf_correct": 1, "tf_acc": 0.5, "tf_ci": [0.1, 0.9]},
+            {"task": "perplexity", "length": 512, "depth": -1, "n": 1, "nll": 2.0, "last_nll": 2.0, "ppl": 7.39,
+             "last_ppl": 7.39}]
+    partial = tmp_path / ".main.partial-123"
+    partial.mkdir()
+    report.write_report(partial, rows, {}, label="main")
+    assert labels == ["main", "main"]
+
+
 GRID = ["--data.init_args.lengths", "[512, 1024]", "--data.init_args.depths", "[0, 100]",
         "--data.init_args.samples", "2", "--data.init_args.ppl_lengths", "[512, 1024]",
         "--trainer.enable_progress_bar", "false"]

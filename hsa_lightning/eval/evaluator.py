@@ -107,7 +107,7 @@ class LengthEval(Callback):
             with open(folder / "samples.jsonl", "w", encoding="utf-8") as f:
                 for r in records:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            write_report(folder, rows, self.data.hparams)
+            write_report(folder, rows, self.data.hparams, label=Path(self.output_dir).name)
         rank_zero_info(f"[eval] wrote {len(records)} samples and the report to {self.output_dir}/")
 
     # -- scoring -----------------------------------------------------------------------------------

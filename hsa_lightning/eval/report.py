@@ -137,18 +137,19 @@ def curves(runs: dict[str, list[dict]], path: Path, perplexity: bool) -> None:
     plt.close(fig)
 
 
-def write_report(folder: Path, rows: list[dict], settings) -> None:
+def write_report(folder: Path, rows: list[dict], settings, label: str) -> None:
     """results.json, results.md, accuracy.png, a heatmap per depth task and (with perplexity cells)
-    perplexity.png into ``folder``."""
+    perplexity.png into ``folder``; ``label`` names the run in the plots' legends (``folder`` may be a
+    temporary folder that is renamed once complete)."""
     with_generation = any("string_match" in r for r in rows)
     (folder / "results.json").write_text(json.dumps({"settings": dict(settings), "cells": rows}, indent=1) + "\n")
     (folder / "results.md").write_text(markdown(rows, with_generation))
     for task in sorted({r["task"] for r in rows if r["depth"] >= 0}):
         heatmap(rows, task, folder / f"heatmap_{task}.png")
     if any(r["task"] != "perplexity" for r in rows):
-        curves({folder.name: rows}, folder / "accuracy.png", perplexity=False)
+        curves({label: rows}, folder / "accuracy.png", perplexity=False)
     if any(r["task"] == "perplexity" for r in rows):
-        curves({folder.name: rows}, folder / "perplexity.png", perplexity=True)
+        curves({label: rows}, folder / "perplexity.png", perplexity=True)
 
 
 def _short(n: int) -> str:

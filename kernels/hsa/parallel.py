@@ -452,5 +452,8 @@ def inner_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Cast to the narrowest dtype present (autocast can hand bf16 queries and fp32 normed keys)."""
-    dtype = min((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:  # a loop, not min(key=...), which torch.compile cannot trace (a graph break)
+        if torch.finfo(t.dtype).bits < torch.finfo(dtype).bits:
+            dtype = t.dtype
     return tuple(t.to(dtype) for t in tensors)
