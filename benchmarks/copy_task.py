@@ -9,10 +9,12 @@ the next).
 
     python benchmarks/copy_task.py --layout "SS|HH" --attention Flash --steps 400
     python benchmarks/copy_task.py --layout SSFS --gap-max 0 -o copy_ssfs.json
+    python benchmarks/copy_task.py --layout "SS|HH" --attention Flash --set landmark=mean --seed 2
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -82,6 +84,9 @@ def _override(item: str) -> tuple[str, object]:
     field, sep, value = item.partition("=")
     if not sep:
         raise SystemExit(f"--set {item!r}: expected FIELD=VALUE, e.g. hsa_residual=standard")
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    if field not in names:
+        raise SystemExit(f"--set {item!r}: ModelConfig has no field {field!r}; it has {', '.join(names)}")
     return field, yaml.safe_load(value)
 
 
