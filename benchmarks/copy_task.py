@@ -46,9 +46,10 @@ def main() -> None:
     load_plugins()
     vocab, n, batch, tail = 64, 96, 16, max(args.gap_max, 1)
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(vocab_size=vocab, d_model=64, n_layers=sum(c in "SFH" for c in args.layout), n_heads=4,
-                      n_kv_heads=2, hsa_kv_heads=args.hsa_kv_heads, chunk_size=8, top_k=4, window=16,
-                      position_in_hsa=args.position_in_hsa, **dict(_override(item) for item in args.set))
+    fields = dict(vocab_size=vocab, d_model=64, n_layers=sum(c in "SFH" for c in args.layout), n_heads=4,
+                  n_kv_heads=2, hsa_kv_heads=args.hsa_kv_heads, chunk_size=8, top_k=4, window=16,
+                  position_in_hsa=args.position_in_hsa)
+    cfg = ModelConfig(**{**fields, **dict(_override(item) for item in args.set)})  # --set wins over the defaults
     layout = {"class_path": "Pattern", "init_args": {"pattern": args.layout}}
     model = HSALM(cfg, build_plugin("attention", args.attention), build_plugin("layout", layout),
                   build_plugin("position", "RoPE"), build_plugin("ffn", "SwiGLU"))
