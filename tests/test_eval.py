@@ -145,6 +145,16 @@ def test_report_plots_are_labelled_with_the_run_not_the_temporary_folder(tmp_pat
     assert labels == ["main", "main"]
 
 
+def test_answer_nll_table_weights_depths_by_samples_and_skips_results_written_before_it():
+    from hsa_lightning.eval.report import markdown
+
+    cell = {"task": "s_niah", "length": 512, "tf_correct": 0, "tf_acc": 0.0, "tf_ci": [0.0, 0.5]}
+    rows = [{**cell, "depth": 0, "n": 1, "answer_nll": 9.0}, {**cell, "depth": 100, "n": 3, "answer_nll": 1.0}]
+    assert "| s_niah | 3.00 |" in markdown(rows, False)  # (9 * 1 + 1 * 3) / 4
+    old = [{k: v for k, v in r.items() if k != "answer_nll"} for r in rows]
+    assert "Mean NLL" not in markdown(old, False) and "| s_niah | 0.0 [" in markdown(old, False)
+
+
 GRID = ["--data.init_args.lengths", "[512, 1024]", "--data.init_args.depths", "[0, 100]",
         "--data.init_args.samples", "2", "--data.init_args.ppl_lengths", "[512, 1024]",
         "--trainer.enable_progress_bar", "false"]
@@ -171,6 +181,12 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
     assert len(rows) == 2 * 2 * 2 + 2 * 2 + 2 * 2 + 2 * 2  # s_niah x depths, passkey, niah_single_2, perplexity
     table = (tmp_path / "a/results.md").read_text()
     assert "| s_niah | " in table and "| 512 | 2 |" in table
+    # each cell's answer NLL is its samples' (s_niah answers are all 7 tokens, so the per-token mean is theirs)
+    cells = json.loads((tmp_path / "a/results.json").read_text())["cells"]
+    for cell in (c for c in cells if c["task"] == "s_niah"):
+        mine = [r["answer_nll"] for r in rows if (r["task"], r["length"], r["depth"]) == ("s_niah", cell["length"], cell["depth"])]
+        assert abs(cell["answer_nll"] - sum(mine) / len(mine)) < 1e-3, (cell, mine)
+    assert "Mean NLL per answer token" in table
     # the same seed writes the same files
     _eval(tmp_path, "b")
     for name in ("samples.jsonl", "results.md", "results.json"):

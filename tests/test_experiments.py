@@ -27,8 +27,9 @@ VARIANTS = {  # the resolved keys each file may (and must) change, besides its o
 
 
 def resolved(*configs: str, subcommand: str = "fit", extra: tuple[str, ...] = ()) -> dict:
-    """The config ``cli.py SUBCOMMAND --config ... --print_config`` prints (parsed here, nothing built)."""
-    args = [subcommand] + [a for c in configs for a in ("--config", str(EXPERIMENTS / f"{c}.yaml"))]
+    """(``configs``: experiment names, or paths from the repository root ending in .yaml.) The config ``cli.py SUBCOMMAND --config ... --print_config`` prints (parsed here, nothing built)."""
+    paths = [ROOT / c if c.endswith(".yaml") else EXPERIMENTS / f"{c}.yaml" for c in configs]
+    args = [subcommand] + [a for p in paths for a in ("--config", str(p))]
     out = io.StringIO()
     with mock.patch.object(sys, "argv", ["cli.py"]), contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
         HSALightningCLI(args=[*args, *extra, "--print_config"])
@@ -73,3 +74,11 @@ def test_eval_config_stacks_on_any_run_and_names_its_output():
     assert callback["class_path"].endswith("LengthEval") and callback["init_args"]["output_dir"] == "runs/eval/dense"
     assert "Dense" in str(cfg["model"]["layout"])
     assert max(cfg["data"]["init_args"]["lengths"]) >= 1 << 20
+
+
+def test_cpu_self_copy_probe_copies_for_the_whole_tiny_run():
+    cfg = flatten(resolved("configs/tiny.yaml", "configs/probes/self_copy_tiny.yaml"))
+    stage = "trainer.callbacks.1.init_args.stages.0"
+    assert cfg[f"{stage}.class_path"].endswith(".SelfCopy")
+    assert cfg[f"{stage}.init_args.top_k"] == "all" and cfg[f"{stage}.init_args.steps"] is None
+    assert cfg["model.layout.class_path"].endswith(".UltraLong") and cfg["data.init_args.seq_len"] == 512

@@ -1,6 +1,7 @@
 """LengthEval: the callback that scores ``LengthEvalData`` samples during ``cli.py test`` and writes the report.
 
-Per retrieval sample: teacher-forced exact match of every answer token (the paper's protocol) and,
+Per retrieval sample: teacher-forced exact match of every answer token (the paper's protocol), the
+mean NLL of the answer tokens (a graded signal where exact match is still 0) and,
 with ``generate``, RULER's ``string_match_all`` on a greedy continuation of ``max_new_tokens``. Per
 perplexity window: mean token NLL and the NLL of its last ``last_tokens`` tokens. Samples up to
 ``engine_threshold`` tokens run one plain forward; longer ones go through the inference engine
@@ -126,9 +127,10 @@ class LengthEval(Callback):
         logits = self._answer_logits(model, ids, a, e)
         tf = teacher_forced_correct(logits, answer)
         record = {k: batch[k] for k in ("task", "length", "depth", "index", "answers")}
-        record.update(teacher_forced=tf, answer_nll=round(float(F.cross_entropy(logits.float(), answer)), 4),
+        nll = F.cross_entropy(logits.float(), answer, reduction="sum")
+        record.update(teacher_forced=tf, answer_nll=round(float(nll) / answer.numel(), 4),
                       needle_starts=batch["needle_starts"])
-        sums = {"tf": float(tf)}
+        sums = {"tf": float(tf), "nll": float(nll), "tokens": answer.numel()}
         if self.generate:
             engine = self._engine(model, a + self.max_new_tokens)
             text = self.data.tokenizer.decode(engine.generate(ids[:, :a], self.max_new_tokens)[0])

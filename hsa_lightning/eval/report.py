@@ -28,7 +28,8 @@ def summarise(totals: dict, cells: list, generation: bool) -> list[dict]:
             row.update(nll=t["nll"] / max(t["tokens"], 1), last_nll=t["last_nll"] / max(t["last_tokens"], 1))
             row.update(ppl=math.exp(row["nll"]), last_ppl=math.exp(row["last_nll"]))
         else:
-            row.update(tf_correct=int(t["tf"]), tf_acc=t["tf"] / max(n, 1), tf_ci=list(wilson_interval(t["tf"], n)))
+            row.update(tf_correct=int(t["tf"]), tf_acc=t["tf"] / max(n, 1), tf_ci=list(wilson_interval(t["tf"], n)),
+                       answer_nll=t["nll"] / max(t["tokens"], 1))
             if generation:
                 row.update(string_match=t["gen"] / max(n, 1), string_match_ci=list(mean_interval(t["gen"], t["gen_sq"], n)))
         rows.append(row)
@@ -44,6 +45,17 @@ def by_task_length(rows: list[dict]) -> dict:
         c, n, g = out.get((r["task"], r["length"]), (0, 0, 0.0))
         out[(r["task"], r["length"])] = (c + r["tf_correct"], n + r["n"], g + r.get("string_match", 0.0) * r["n"])
     return out
+
+
+def answer_nll(rows: list[dict]) -> dict:
+    """{(task, length): mean answer-token NLL} over depths, weighted by samples (results.json files
+    written before this column existed have none)."""
+    sums: dict = {}
+    for r in rows:
+        if r["task"] != "perplexity" and "answer_nll" in r:
+            s, n = sums.get((r["task"], r["length"]), (0.0, 0))
+            sums[(r["task"], r["length"])] = (s + r["answer_nll"] * r["n"], n + r["n"])
+    return {key: s / n for key, (s, n) in sums.items() if n}
 
 
 def markdown(rows: list[dict], with_generation: bool) -> str:
@@ -63,6 +75,12 @@ def markdown(rows: list[dict], with_generation: bool) -> str:
         if with_generation:
             gen = [f"{100 * merged[(t, n)][2] / merged[(t, n)][1]:.1f}" if (t, n) in merged else "" for n in lengths]
             lines.append(f"| {t} (generation) | " + " | ".join(gen) + " |")
+    nll = answer_nll(rows)
+    if nll:
+        lines += ["", "Mean NLL per answer token, teacher-forced (guessing uniformly over the vocabulary scores ln V)", "",
+                  "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        lines += [f"| {t} | " + " | ".join(f"{nll[(t, n)]:.2f}" if (t, n) in nll else "" for n in lengths) + " |"
+                  for t in tasks]
     ppl = [r for r in rows if r["task"] == "perplexity"]
     if ppl:
         lines += ["", "Held-out perplexity and last-window loss", "", "| length | n | perplexity | mean NLL | last-window NLL |",
