@@ -10,7 +10,7 @@ from hsa_lightning.data.synthetic import Haystack
 from hsa_lightning.data.tasks import TASKS
 from hsa_lightning.data.tokenizer import ByteTokenizer
 from hsa_lightning.errors import ConfigError
-from hsa_lightning.eval.datamodule import LengthEvalData
+from hsa_lightning.eval.datamodule import Cell, LengthEvalData
 from hsa_lightning.eval.scoring import (mean_interval, string_match_all, string_match_part, teacher_forced_correct,
                                         wilson_interval)
 
@@ -129,6 +129,18 @@ def test_samples_are_a_pure_function_of_the_seed():
             x, y = a.sample(cell, i), b.sample(cell, i)
             assert np.array_equal(x["input_ids"].numpy(), y["input_ids"].numpy()) and x["answers"] == y["answers"]
     assert not np.array_equal(a.sample(a.cells[0], 0)["input_ids"], a.sample(a.cells[0], 1)["input_ids"])
+
+
+def test_perplexity_windows_of_every_length_end_on_the_same_tokens():
+    data = LengthEvalData(tasks=["s_niah"], lengths=[600], ppl_corpus=str(ROOT / "README.md"),
+                          ppl_lengths=[256, 1024, 512], ppl_samples=2)
+    data.setup("test")
+    stream = data.ppl_stream
+    for i in range(2):
+        windows = {n: data.sample(Cell("perplexity", n), i)["input_ids"].numpy() for n in (256, 512, 1024)}
+        assert {n: len(w) for n, w in windows.items()} == {256: 256, 512: 512, 1024: 1024}
+        assert np.array_equal(windows[1024], stream[i * 1024:(i + 1) * 1024])  # the longest tiles the stream
+        assert np.array_equal(windows[512][-256:], windows[256]) and np.array_equal(windows[1024][-512:], windows[512])
 
 
 def test_report_plots_are_labelled_with_the_run_not_the_temporary_folder(tmp_path, monkeypatch):

@@ -93,7 +93,9 @@ class LengthEvalData(L.LightningDataModule):
             samples: samples per cell.
             ppl_corpus: held-out text (a shard folder, or files / folders / globs) for perplexity and
                 last-4K loss.
-            ppl_lengths: lengths of those perplexity windows (non-overlapping, from the start).
+            ppl_lengths: lengths of those perplexity windows. Window i of every length ends at
+                (i + 1) * max(ppl_lengths), so all lengths score the same final tokens with more or less
+                context before them (windows of one length do not overlap).
             ppl_samples: windows per length.
         """
         super().__init__()
@@ -177,7 +179,10 @@ class LengthEvalData(L.LightningDataModule):
     def sample(self, cell: Cell, i: int) -> dict:
         meta = {"task": cell.task, "length": cell.length, "depth": cell.depth, "index": i}
         if cell.task == "perplexity":
-            window = self.ppl_stream[i * cell.length:(i + 1) * cell.length]
+            # every length's i-th window ends where the longest one does, so their last tokens are the same
+            # text and the last-window loss against length shows what the longer context is worth
+            end = (i + 1) * max(self.hparams.ppl_lengths)
+            window = self.ppl_stream[end - cell.length:end]
             return {**meta, "eval_kind": "ppl", "input_ids": torch.from_numpy(window.copy())}
         rng = np.random.default_rng([self.seed, zlib.crc32(cell.task.encode()), cell.length, cell.depth + 1, i])
         offset = int(rng.integers(len(self.haystack)))
