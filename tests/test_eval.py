@@ -196,7 +196,8 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
     # each cell's answer NLL is its samples' (s_niah answers are all 7 tokens, so the per-token mean is theirs)
     cells = json.loads((tmp_path / "a/results.json").read_text())["cells"]
     for cell in (c for c in cells if c["task"] == "s_niah"):
-        mine = [r["answer_nll"] for r in rows if (r["task"], r["length"], r["depth"]) == ("s_niah", cell["length"], cell["depth"])]
+        mine = [r["answer_nll"] for r in rows
+                if (r["task"], r["length"], r["depth"]) == ("s_niah", cell["length"], cell["depth"])]
         assert abs(cell["answer_nll"] - sum(mine) / len(mine)) < 1e-3, (cell, mine)
     assert "Mean NLL per answer token" in table
     # the same seed writes the same files

@@ -27,7 +27,8 @@ VARIANTS = {  # the resolved keys each file may (and must) change, besides its o
 
 
 def resolved(*configs: str, subcommand: str = "fit", extra: tuple[str, ...] = ()) -> dict:
-    """(``configs``: experiment names, or paths from the repository root ending in .yaml.) The config ``cli.py SUBCOMMAND --config ... --print_config`` prints (parsed here, nothing built)."""
+    """The config ``cli.py SUBCOMMAND --config ... --print_config`` prints (parsed here, nothing built);
+    ``configs`` are experiment names or paths from the repository root ending in .yaml."""
     paths = [ROOT / c if c.endswith(".yaml") else EXPERIMENTS / f"{c}.yaml" for c in configs]
     args = [subcommand] + [a for p in paths for a in ("--config", str(p))]
     out = io.StringIO()
