@@ -13,13 +13,15 @@ so the dense model's MFU counts its quadratic attention as useful work. Prints a
 
 Diagnosis: ``--profile N`` prints the kernel and CPU tables of N more steps and the GPU's busy time per
 step (against the wall time, to see host stalls); ``--sync_debug 1`` lists the operations that make the
-host wait for the GPU in one step. With a cold cache the first compiled HSA step takes about 4 minutes
-(Triton autotuning, then inductor).
+host wait for the GPU in one step; ``--trace_gaps DIR`` (with ``--profile``) keeps each row's Chrome trace in
+DIR and blames the GPU's idle gaps on the host code that launched the next kernel (``benchmarks/host_gaps.py``).
+With a cold cache the first compiled HSA step takes about 4 minutes (Triton autotuning, then inductor).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import date
@@ -45,7 +47,7 @@ def build(config: str, overrides: dict, parallel: ParallelConfig, device) -> HSA
 
 
 def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int, profile: int = 0,
-            sync_debug: bool = False) -> dict:
+            sync_debug: bool = False, trace_gaps: str = "") -> dict:
     device = next(model.parameters()).device
     batch = max(tokens_per_step // L, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -84,10 +86,23 @@ def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int,
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(trace_gaps)) as prof:
             for _ in range(profile):
                 step()
             torch.cuda.synchronize()
+        if trace_gaps:  # which host code the GPU waits for (benchmarks/host_gaps.py); the trace is kept
+            import gzip
+            import shutil
+            import tempfile
+
+            from benchmarks.host_gaps import report
+
+            with tempfile.TemporaryDirectory() as tmp:
+                prof.export_chrome_trace(f"{tmp}/trace.json")
+                with open(f"{tmp}/trace.json", "rb") as src, gzip.open(f"{tmp}/trace.json.gz", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                os.replace(f"{tmp}/trace.json.gz", trace_gaps)  # whole or not at all
+            report(trace_gaps, steps=profile)
         events = prof.key_averages()
         print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
         print(events.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=90))
@@ -96,6 +111,13 @@ def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int,
     tokens = batch * L
     return {"batch": batch, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "warmup_s": first,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def trace_path(folder: str, variant: str, L: int) -> str:
+    if not folder:
+        return ""
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{variant}_{L}.trace.json.gz")
 
 
 def main() -> None:
@@ -110,6 +132,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", type=int, default=0, help="also profile this many steps per row (kernel table)")
     ap.add_argument("--sync_debug", type=int, default=0, help="report the operations that wait for the GPU in one step")
+    ap.add_argument("--trace_gaps", default="", help="with --profile: a folder for the traces; blames the GPU's idle gaps on host code")
     ap.add_argument("--out", default="docs/bench/training.json")
     args = ap.parse_args()
     device = torch.device("cuda")
@@ -129,7 +152,7 @@ def main() -> None:
             for L in (int(x) for x in args.lengths.split(",")):
                 row = {"model": variant, "compile": compiled, "L": L, "parameters": model.num_parameters(),
                        **measure(model, L, args.tokens_per_step, args.warmup, args.steps, args.profile,
-                                  bool(args.sync_debug))}
+                                  bool(args.sync_debug), trace_path(args.trace_gaps, variant, L))}
                 row["flops_per_token"] = model.flops_per_token(L)
                 if peak:
                     row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (peak * 1e12)

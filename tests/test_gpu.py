@@ -257,3 +257,28 @@ def test_compiled_and_checkpointed_units_match_eager_on_cuda():
     for name in ("compiled", "both"):
         assert rel_err(results[name][0], results["eager"][0]) < 1e-2, name
         assert rel_err(results[name][1], results["eager"][1]) < 5e-2, name
+
+
+def test_fused_lm_loss_on_cuda_matches_fp32_reference_under_bf16_autocast():
+    from hsa_lightning.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5000, 256, generator=g).cuda().requires_grad_()
+    w = (torch.randn(16384, 256, generator=g) * 0.05).cuda().requires_grad_()
+    y = torch.randint(0, 16384, (5000,), generator=g).cuda()
+    y[::7] = -100
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, y, 2048)
+    want = linear_cross_entropy_reference(h, w, y)
+    assert abs(got.item() - want.item()) / want.item() < 1e-2
+    for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))):
+        assert a.dtype == torch.float32 and rel_err(a, b) < 2e-2
+
+
+def test_sliding_window_block_mask_on_cuda_gives_the_banded_attention():
+    from hsa_lightning.plugins.attention.hsa_triton import _flex_sliding_window
+
+    q = torch.randn(1, 1024, 4, 64, dtype=torch.float64)
+    k, v = torch.randn(1, 1024, 2, 64, dtype=torch.float64), torch.randn(1, 1024, 2, 64, dtype=torch.float64)
+    out = _flex_sliding_window(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), 300)
+    assert rel_err(out, naive_local_attention(q, k, v, 300)) < 1e-2

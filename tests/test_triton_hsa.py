@@ -165,3 +165,32 @@ def test_custom_ops_agree_with_their_fake_implementations():
     # (opcheck's AOT test sums every output into the first one's dtype, int64 indices here: it cannot run)
     torch.library.opcheck(retrieval._select_op, (q_slc, landmarks, K, S, 0),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("T,window", [(512, 512), (1024, 100), (1024, 128), (2048, 300), (896, 1000), (384, 1)])
+def test_sliding_window_block_mask_equals_flex_attentions_own(T, window):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from hsa_lightning.plugins.attention.hsa_triton import sliding_window_block_mask
+
+    got = sliding_window_block_mask(T, window, "cpu")
+    want = create_block_mask(lambda b, h, q, k: (k <= q) & (q - k < window), None, None, T, T, device="cpu")
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(got.to_dense(), want.to_dense())  # the same tiles, partial and full
+    q = torch.arange(T)[:, None]
+    k = torch.arange(T)[None, :]
+    assert torch.equal(got.mask_mod(0, 0, q, k), want.mask_mod(0, 0, q, k))
+
+
+def test_sliding_window_block_mask_compiles_without_a_graph_break():
+    from hsa_lightning.plugins.attention.hsa_triton import sliding_window_block_mask
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def tiles(x):
+        mask = sliding_window_block_mask(x.shape[0], 300, x.device)
+        return mask.kv_num_blocks, mask.full_kv_indices
+
+    counts, full = tiles(torch.zeros(1024))
+    want = sliding_window_block_mask(1024, 300, "cpu")
+    assert torch.equal(counts, want.kv_num_blocks) and torch.equal(full, want.full_kv_indices)

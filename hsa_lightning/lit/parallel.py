@@ -26,7 +26,7 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each unit's activations in backward: memory of one unit's activations, ~1/3 more compute."""
     compile: bool = False
-    """``torch.compile`` each unit (fuses norms, RoPE and the MLP's elementwise work) and the loss of a slice."""
+    """``torch.compile`` each unit (fuses norms, RoPE and the MLP's elementwise work)."""
     param_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     """FSDP2 only: the dtype units compute in; the sharded master weights and the optimizer stay fp32."""
     reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -36,7 +36,7 @@ class ParallelConfig:
 
 
 def prepare(model: HSALM, config: ParallelConfig, mesh=None) -> HSALM:
-    """Checkpointing and compilation per unit (compilation also of the loss of a slice); with a device
+    """Checkpointing and compilation per unit; with a device
     ``mesh``, FSDP2 sharding of every unit and then of the root (the embedding, tied head and final norm).
     ``loss`` becomes an FSDP entry point beside ``forward``."""
     units = model.units()
@@ -48,8 +48,6 @@ def prepare(model: HSALM, config: ParallelConfig, mesh=None) -> HSALM:
         # graphs instead of turning all of them dynamic. Module and parameter names stay.
         for unit in units:
             unit.compute = torch.compile(unit.compute, dynamic=False)
-        # the loss: one pass over each slice's logits instead of cast, log-softmax, gather
-        model.slice_nll = torch.compile(model.slice_nll, dynamic=False)
     if mesh is not None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 

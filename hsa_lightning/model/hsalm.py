@@ -2,20 +2,21 @@
 
     embed -> blocks in layout order; at the ``encoder`` step the chunk encoder turns the current
     hidden state into the shared memory (K, V, landmarks) that every later HSA block reads
-    -> final norm -> tied LM head -> chunked cross-entropy
+    -> final norm -> tied LM head -> cross-entropy a slice of tokens at a time
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from hsa_lightning.kernels.cross_entropy import IGNORE_INDEX, linear_cross_entropy
 from hsa_lightning.model.attention import SelfAttention
 from hsa_lightning.model.attention_backend import AttentionBackend
 from hsa_lightning.model.blocks import Block, HSABlock
 from hsa_lightning.model.chunk_encoder import ChunkEncoder
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.ffn import FFN, RoutedFFN
-from hsa_lightning.model.layers import Embedding, RMSNorm, chunked_cross_entropy, nll_of_slice
+from hsa_lightning.model.layers import Embedding, RMSNorm
 from hsa_lightning.model.layout import ENCODER, HSA, SWA, LayerLayout, check_plan
 from hsa_lightning.model.position import PositionEncoding
 from hsa_lightning.model.retrieval import Retrieval
@@ -44,7 +45,6 @@ class HSALM(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         # which blocks read the chunk memory, decided here: a sharding wrapper hides the block's class
         self.reads_memory = [isinstance(block, HSABlock) for block in self.blocks]
-        self.slice_nll = nll_of_slice  # the loss of one slice of tokens; lit/parallel.py may compile it
 
     def hidden_states(self, input_ids: torch.Tensor, doc_start: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d) final-normed hidden states; any T >= 1. ``doc_start`` (B, T), the
@@ -70,7 +70,9 @@ class HSALM(nn.Module):
              doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of token NLLs, number of scored tokens); ``labels`` -100 are not scored."""
         h = self.hidden_states(input_ids, doc_start)
-        return chunked_cross_entropy(h, self.embed.weight, labels, self.config.loss_chunk_tokens, self.slice_nll)
+        y = labels.reshape(-1)
+        nll = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.embed.weight, y, self.config.loss_chunk_tokens)
+        return nll, (y != IGNORE_INDEX).sum()
 
     def num_parameters(self, active: bool = False) -> int:
         """All parameters, or (``active``) those one token uses: routed experts it skips are left out."""

@@ -56,28 +56,3 @@ class Embedding(nn.Embedding):
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.std)
-
-
-def nll_of_slice(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100, reduction="sum")
-
-
-def chunked_cross_entropy(
-    hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
-    slice_nll=nll_of_slice,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of token NLLs and the number of scored tokens, without a (B*T, V) fp32 logit tensor.
-
-    Logits are built ``chunk_tokens`` rows at a time and recomputed in backward (checkpointed), so peak
-    memory is one slice's logits. Labels equal to -100 are ignored. ``slice_nll`` scores one slice; a
-    compiled one fuses the float cast, log-softmax and its gradient.
-    """
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    # split, not slicing: the backward joins the slices' gradients in one concatenation, where each slice
-    # would add a zero-filled full-size gradient
-    for h_part, y_part in zip(h.split(chunk_tokens), y.split(chunk_tokens)):
-        total = total + torch.utils.checkpoint.checkpoint(slice_nll, h_part, head_weight, y_part, use_reentrant=False)
-    return total, (y != -100).sum()
-

@@ -87,22 +87,41 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@torch.compiler.disable  # dynamo would trace through the cache and rebuild the mask on every call
-@functools.lru_cache(maxsize=64)
-def _sliding_window_block_mask(T: int, window: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
+def sliding_window_block_mask(T: int, window: int, device) -> "BlockMask":
+    """FlexAttention's block mask for causal attention over the last ``window`` keys (T a multiple of 128),
+    built from the band's tile structure with a few small tensor ops: inside a compiled unit it joins the
+    graph instead of breaking it, and it never evaluates the (T, T) mask."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def keep(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    # _compile=True builds the block mask without materialising the (T, T) boolean mask.
-    return create_block_mask(keep, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device, _compile=True)
+    n = T // FLEX_ALIGN
+    tiles = torch.arange(n, device=device)
+    offset = (tiles[:, None] - tiles[None, :]) * FLEX_ALIGN  # query tile start - key tile start
+    nearest, farthest = offset - (FLEX_ALIGN - 1), offset + (FLEX_ALIGN - 1)  # extremes of q - kv in a tile
+    full = (nearest >= 0) & (farthest < window)
+    partial = (farthest >= 0) & (nearest < window) & ~full
+
+    def packed(tile_kept):  # per query tile: how many key tiles, and which (ascending, then the rest)
+        order = torch.argsort((~tile_kept).to(torch.int32), dim=-1, stable=True)
+        return tile_kept.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(*packed(partial), *packed(full), BLOCK_SIZE=FLEX_ALIGN, mask_mod=keep)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sliding_window_block_mask(T: int, window: int, device: str):
+    return sliding_window_block_mask(T, window, device)
 
 
 def _flex_sliding_window(q, k, v, window):
     from torch.nn.attention.flex_attention import flex_attention
 
-    mask = _sliding_window_block_mask(q.shape[1], window, str(q.device))
+    if torch.compiler.is_compiling():  # a few fused kernels in the unit's graph
+        mask = sliding_window_block_mask(q.shape[1], window, q.device)
+    else:
+        mask = _cached_sliding_window_block_mask(q.shape[1], window, str(q.device))
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     # inside a compiled unit flex_attention joins the unit's graph; eagerly it needs its own compile
     flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
