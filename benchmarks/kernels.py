@@ -7,7 +7,8 @@ Prints a markdown table and writes JSON. Shapes: batch 1, 16 query heads, chunk 
 forward+backward, the fused retrieval (scores + mask + top-k + softmax weights) forward+backward and
 the reference retrieval it replaces,
 the HSA layer's attention (SWA 512 via FlexAttention + HSA) forward+backward, and cuDNN full causal
-attention forward+backward. Useful FLOPs: forward 4*L*Hq*k*64*D, forward+backward 3.5x that.
+attention forward+backward. Useful FLOPs: forward 4*L*Hq*k*64*D, forward+backward 3.5x that. ``--kernels tokens,chunks`` times the token-centric and the chunk-centric HSA
+kernels side by side (by default ``hsa_attention`` picks by group size).
 
 Selection patterns: ``smooth`` (each 64-token query chunk draws k visible chunks, each token swaps about
 10% of them for random visible ones; the printed share is the fraction of a token's chunks its
@@ -83,8 +84,8 @@ def bench(fn, rep: int = 40) -> float | str:
         return "OOM"
 
 
-def run_case(L, k, D, G, pattern, args, device):
-    from hsa_lightning.kernels.hsa.parallel import block_union, hsa_attention, tile_shape
+def run_case(L, k, D, G, pattern, args, device, kernels="auto"):
+    from hsa_lightning.kernels.hsa.parallel import block_union, hsa_attention as hsa, tile_shape, uses_chunk_kernels
     from hsa_lightning.kernels.retrieval import fusion_weights, retrieval_scores, select_chunks, weights_from_selected
     from hsa_lightning.kernels.retrieval.parallel import select_chunks_fused
     from hsa_lightning.plugins.attention.hsa_triton import HSATriton
@@ -99,7 +100,13 @@ def run_case(L, k, D, G, pattern, args, device):
     idx, w = finish_selection(raw, gen)
     w.requires_grad_()
     do = torch.randn_like(q)
-    row = {"L": L, "top_k": k, "head_dim": D, "G": G, "pattern": pattern, "shared": round(shared_fraction(idx), 3)}
+    by_chunk = {"auto": uses_chunk_kernels(G, L, k, L), "tokens": False, "chunks": True}[kernels]
+
+    def hsa_attention(*a):
+        return hsa(*a, by_chunk=by_chunk)
+
+    row = {"L": L, "top_k": k, "head_dim": D, "G": G, "pattern": pattern, "shared": round(shared_fraction(idx), 3),
+           "kernels": "chunks" if by_chunk else "tokens"}
     bt, _ = tile_shape(G)
     row["union_per_k"] = round(block_union(idx, bt)[1].float().mean().item() / k, 2)
     row["hsa_fwd_ms"] = bench(lambda: hsa_attention(q, kk, v, w, idx, S))
@@ -163,6 +170,8 @@ def main() -> None:
     p.add_argument("--max_dense_len", type=int, default=131072, help="longest L for the dense / layer columns")
     p.add_argument("--max_retrieval_len", type=int, default=131072, help="longest L for the reference retrieval")
     p.add_argument("--skip_retrieval", action="store_true")
+    p.add_argument("--kernels", default="auto",
+                   help="HSA kernels to time: auto (hsa_attention's choice), or a list of tokens / chunks")
     p.add_argument("--out", default="docs/kernels.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -177,7 +186,7 @@ def main() -> None:
             "python": platform.python_version(), "date": str(date.today()), "batch": 1, "query_heads": HQ,
             "chunk": S, "dtype": "bfloat16", "command": " ".join(sys.argv)}
     rows = []
-    cols = ["L", "top_k", "head_dim", "G", "pattern", "shared", "union_per_k", "hsa_fwd_ms", "hsa_fwd_bwd_ms", "hsa_fwd_bwd_tflops",
+    cols = ["L", "top_k", "head_dim", "G", "pattern", "kernels", "shared", "union_per_k", "hsa_fwd_ms", "hsa_fwd_bwd_ms", "hsa_fwd_bwd_tflops",
             "retrieval_fwd_bwd_ms", "retrieval_ref_fwd_bwd_ms", "hsa_layer_fwd_bwd_ms", "cudnn_causal_fwd_bwd_ms"]
     print(f"# {meta}")
     print("| " + " | ".join(cols) + " |")
@@ -187,14 +196,15 @@ def main() -> None:
             for D in ints(args.head_dims):
                 for k in ints(args.top_k):
                     for L in ints(args.lengths):
-                        row = run_case(L, k, D, G, pattern, args, device)
-                        torch.cuda.empty_cache()
-                        rows.append(row)
-                        with open(args.out, "w") as f:  # after every row, so a cut-off run keeps its table
-                            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-                        cells = [row.get(c, "") for c in cols]
-                        print("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells) + " |",
-                              flush=True)
+                        for kernels in args.kernels.split(","):
+                            row = run_case(L, k, D, G, pattern, args, device, kernels)
+                            torch.cuda.empty_cache()
+                            rows.append(row)
+                            with open(args.out, "w") as f:  # after every row, so a cut-off run keeps its table
+                                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+                            cells = [row.get(c, "") for c in cols]
+                            print("| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in cells)
+                                  + " |", flush=True)
 
 
 if __name__ == "__main__":

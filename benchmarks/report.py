@@ -5,7 +5,8 @@
 import json
 import sys
 
-COLS = [("L", "L"), ("top_k", "k"), ("head_dim", "D"), ("G", "G"), ("pattern", "pattern"), ("shared", "shared"),
+COLS = [("L", "L"), ("top_k", "k"), ("head_dim", "D"), ("G", "G"), ("pattern", "pattern"), ("kernels", "kernels"),
+        ("shared", "shared"),
         ("union_per_k", "union/k"), ("hsa_fwd_ms", "HSA fwd ms"), ("hsa_fwd_bwd_ms", "HSA fwd+bwd ms"),
         ("hsa_fwd_bwd_tflops", "useful TFLOP/s"), ("retrieval_fwd_bwd_ms", "fused retrieval fwd+bwd ms"),
         ("retrieval_ref_fwd_bwd_ms", "reference retrieval ms"), ("hsa_layer_fwd_bwd_ms", "HSA layer (SWA 512 + HSA) ms"),

@@ -39,7 +39,7 @@ def selection(kind, B, T, Hkv, C, S, K, g):
     return idx, torch.rand(B, T, Hkv, K, generator=g)
 
 
-def check(B, T, H, Hkv, D, S, K, kind, seed=0):
+def check(B, T, H, Hkv, D, S, K, kind, seed=0, by_chunk=False):
     g = torch.Generator().manual_seed(seed)
     C = -(-T // S)
     q = torch.randn(B, T, H, D, generator=g).requires_grad_()
@@ -47,7 +47,7 @@ def check(B, T, H, Hkv, D, S, K, kind, seed=0):
     v = torch.randn(B, C * S, Hkv, D, generator=g).requires_grad_()
     idx, w = selection(kind, B, T, Hkv, C, S, K, g)
     w = w.detach().requires_grad_()
-    out = hsa_attention(q, k, v, w, idx, S)
+    out = hsa_attention(q, k, v, w, idx, S, by_chunk=by_chunk)
     ref = hsa_attention_reference(q, k, v, w, idx, S)
     if kind == "all_padding":
         assert out.abs().max() == 0
@@ -63,21 +63,34 @@ def check(B, T, H, Hkv, D, S, K, kind, seed=0):
             assert rel(a, b) < 1e-4, f"d{name}: {rel(a, b)}"
 
 
+KERNELS = pytest.mark.parametrize("by_chunk", [False, True], ids=["token_centric", "chunk_centric"])
+
+
+@KERNELS
 @pytest.mark.parametrize("G", [1, 2, 3, 4, 8, 16, 32])
-def test_every_group_size(G):
-    check(B=1, T=45, H=G * 2 if G <= 4 else G, Hkv=2 if G <= 4 else 1, D=16, S=16, K=3, kind="retrieval")
+def test_every_group_size(G, by_chunk):
+    check(B=1, T=45, H=G * 2 if G <= 4 else G, Hkv=2 if G <= 4 else 1, D=16, S=16, K=3, kind="retrieval",
+          by_chunk=by_chunk)
 
 
+@KERNELS
 @pytest.mark.parametrize("split_lists", [False, True], ids=["whole_lists", "split_lists"])
 @pytest.mark.parametrize("kind", ["retrieval", "random", "one_chunk", "all_padding"])
-def test_selection_patterns(kind, split_lists, monkeypatch):
+def test_selection_patterns(kind, split_lists, by_chunk, monkeypatch):
     if split_lists:  # tiny work items: popular chunks are spread over several programs and reduced
         monkeypatch.setattr(parallel, "MIN_ENTRIES_PER_ITEM", 1)
-    check(B=2, T=70, H=4, Hkv=1, D=32, S=16, K=4 if kind != "random" else 3, kind=kind, seed=1)
+    check(B=2, T=70, H=4, Hkv=1, D=32, S=16, K=4 if kind != "random" else 3, kind=kind, seed=1, by_chunk=by_chunk)
 
 
-def test_topk_above_visible_count_and_short_sequence():
-    check(B=1, T=20, H=2, Hkv=1, D=16, S=16, K=8, kind="retrieval")
+@KERNELS
+def test_topk_above_visible_count_and_short_sequence(by_chunk):
+    check(B=1, T=20, H=2, Hkv=1, D=16, S=16, K=8, kind="retrieval", by_chunk=by_chunk)
+
+
+def test_chunk_centric_kernels_serve_small_groups_over_full_chunk_lists():
+    assert parallel.uses_chunk_kernels(1, 4096, 32, 4096) and parallel.uses_chunk_kernels(4, 4096, 32, 4096)
+    assert not parallel.uses_chunk_kernels(8, 4096, 32, 4096)  # the token tile holds few tokens already
+    assert not parallel.uses_chunk_kernels(1, 1, 32, 1 << 20)  # decode: most chunks' lists are empty
 
 
 def test_gradients_are_bitwise_reproducible():
@@ -159,7 +172,8 @@ def test_custom_ops_agree_with_their_fake_implementations():
     k = torch.randn(B, C * S, Hkv, D, generator=g, requires_grad=True)
     v = torch.randn(B, C * S, Hkv, D, generator=g, requires_grad=True)
     idx, w = selection("retrieval", B, T, Hkv, C, S, K, g)
-    torch.library.opcheck(parallel._hsa_attention_op, (q, k, v, w.requires_grad_(), idx, S, 0.25))
+    for by_chunk in (False, True):
+        torch.library.opcheck(parallel._hsa_attention_op, (q, k, v, w.requires_grad_(), idx, S, 0.25, by_chunk))
     q_slc = torch.randn(B, T, Hkv, 16, generator=g, requires_grad=True)
     landmarks = torch.randn(B, C, Hkv, 16, generator=g, requires_grad=True)
     # (opcheck's AOT test sums every output into the first one's dtype, int64 indices here: it cannot run)

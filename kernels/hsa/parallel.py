@@ -24,6 +24,7 @@ import triton.language as tl
 
 ROWS_PER_TILE = 64  # target rows (tokens x heads) sharing one K/V tile
 MIN_ENTRIES_PER_ITEM = 256  # smallest dK/dV work item; larger when there is enough work to fill the GPU
+BY_CHUNK_MAX_GROUP = 4  # padded group sizes up to this take the chunk-centric kernels of by_chunk.py
 
 
 def _tuned(*key: str):
@@ -66,14 +67,16 @@ def block_union(indices: torch.Tensor, block_tokens: int) -> tuple[torch.Tensor,
     return x.contiguous(), (x >= 0).sum(-1, dtype=torch.int32).contiguous()
 
 
-def chunk_csr(indices: torch.Tensor, weights: torch.Tensor, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chunk_csr(indices: torch.Tensor, weights: torch.Tensor | None, n_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of the selection: for each (batch, KV head, chunk) the (token * K + slot) entries that
-    picked it with a non-zero weight (zero-weight slots add nothing to dK/dV).
+    picked it, only those with a non-zero weight when ``weights`` are given (zero-weight slots add nothing
+    to dK/dV), every slot otherwise.
 
     Returns entries (B, Hkv, T*K) int32 sorted by chunk and offsets (B, Hkv, n_chunks + 1) int32.
     """
     B, T, Hkv, K = indices.shape
-    key = torch.where(weights != 0, indices, n_chunks).permute(0, 2, 1, 3).reshape(B, Hkv, T * K)
+    key = indices if weights is None else torch.where(weights != 0, indices, n_chunks)
+    key = key.permute(0, 2, 1, 3).reshape(B, Hkv, T * K)
     key, order = torch.sort(key, dim=-1, stable=True)
     bounds = torch.arange(n_chunks + 1, device=key.device, dtype=key.dtype).expand(B, Hkv, n_chunks + 1)
     offsets = torch.searchsorted(key.contiguous(), bounds.contiguous())
@@ -321,12 +324,17 @@ def _check(q, k, v, weights, indices, chunk_size):
         raise ValueError(f"indices {tuple(indices.shape)} / weights {tuple(weights.shape)} must be (B, T, Hkv, K)")
 
 
-def hsa_forward(q, k, v, weights, indices, chunk_size: int, scale: float):
-    """The output and the token blocks' chunk union (union, count), which the backward reuses."""
+def hsa_forward(q, k, v, weights, indices, chunk_size: int, scale: float, by_chunk: bool = False):
+    """The output and the index the backward reuses: the token blocks' chunk union (union, count), or,
+    ``by_chunk``, the chunks' entry lists (entries, offsets) of the chunk-centric kernels (``by_chunk.py``)."""
     _check(q, k, v, weights, indices, chunk_size)
     # the memory may be a strided prefix of an inference cache: never copy it, it can be gigabytes
     q, k, v = q.contiguous(), inner_contiguous(k), inner_contiguous(v)
     weights, indices = weights.float().contiguous(), indices.to(torch.int32).contiguous()
+    if by_chunk:
+        from hsa_lightning.kernels.hsa.by_chunk import forward_by_chunk
+
+        return forward_by_chunk(q, k, v, weights, indices, chunk_size, scale)
     B, T, H, D = q.shape
     Hkv, K = k.shape[2], indices.shape[-1]
     bt, g_pad = tile_shape(H // Hkv)
@@ -345,10 +353,15 @@ def hsa_forward(q, k, v, weights, indices, chunk_size: int, scale: float):
     return o, union, count
 
 
-def hsa_backward(do, q, k, v, weights, indices, union, count, chunk_size: int, scale: float):
-    """``union`` and ``count``: the forward's ``block_union`` of ``indices``."""
+def hsa_backward(do, q, k, v, weights, indices, union, count, chunk_size: int, scale: float, by_chunk: bool = False):
+    """``union`` and ``count``: the forward's ``block_union`` of ``indices`` (``by_chunk``: its entries
+    and offsets)."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     weights, indices = weights.float().contiguous(), indices.to(torch.int32).contiguous()
+    if by_chunk:
+        from hsa_lightning.kernels.hsa.by_chunk import backward_by_chunk
+
+        return backward_by_chunk(do, q, k, v, weights, indices, union, count, chunk_size, scale)
     B, T, H, D = q.shape
     Lm, Hkv, K = k.shape[1], k.shape[2], indices.shape[-1]
     G = H // Hkv
@@ -390,59 +403,73 @@ def hsa_backward(do, q, k, v, weights, indices, union, count, chunk_size: int, s
 # -- autograd: a custom op with a fake implementation, so torch.compile treats it as opaque ----------
 @torch.library.custom_op("hsa_lightning::hsa_attention", mutates_args=())
 def _hsa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
-                      indices: torch.Tensor, chunk_size: int,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return hsa_forward(q, k, v, weights, indices, chunk_size, scale)
+                      indices: torch.Tensor, chunk_size: int, scale: float,
+                      by_chunk: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return hsa_forward(q, k, v, weights, indices, chunk_size, scale, by_chunk)
 
 
 @_hsa_attention_op.register_fake
-def _(q, k, v, weights, indices, chunk_size, scale):
+def _(q, k, v, weights, indices, chunk_size, scale, by_chunk):
     B, T, H, _ = q.shape
     Hkv, K = k.shape[2], indices.shape[-1]
-    bt, _ = tile_shape(H // Hkv)
-    nb = -(-T // bt)
-    return (torch.empty_like(q), q.new_empty((B, Hkv, nb, bt * K), dtype=torch.int32),
-            q.new_empty((B, Hkv, nb), dtype=torch.int32))
+    if by_chunk:  # entries, offsets
+        index = ((B, Hkv, T * K), (B, Hkv, k.shape[1] // chunk_size + 1))
+    else:  # union, count
+        bt, _ = tile_shape(H // Hkv)
+        nb = -(-T // bt)
+        index = ((B, Hkv, nb, bt * K), (B, Hkv, nb))
+    return (torch.empty_like(q), *(q.new_empty(shape, dtype=torch.int32) for shape in index))
 
 
 @torch.library.custom_op("hsa_lightning::hsa_attention_backward", mutates_args=())
 def _hsa_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               weights: torch.Tensor, indices: torch.Tensor, union: torch.Tensor,
-                               count: torch.Tensor, chunk_size: int,
-                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return hsa_backward(do, q, k, v, weights, indices, union, count, chunk_size, scale)
+                               weights: torch.Tensor, indices: torch.Tensor, index_a: torch.Tensor,
+                               index_b: torch.Tensor, chunk_size: int, scale: float,
+                               by_chunk: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return hsa_backward(do, q, k, v, weights, indices, index_a, index_b, chunk_size, scale, by_chunk)
 
 
 @_hsa_attention_backward_op.register_fake
-def _(do, q, k, v, weights, indices, union, count, chunk_size, scale):
+def _(do, q, k, v, weights, indices, index_a, index_b, chunk_size, scale, by_chunk):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(weights, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, weights, indices, chunk_size, scale = inputs
-    _, union, count = output
-    ctx.save_for_backward(q, k, v, weights, indices, union, count)
-    ctx.mark_non_differentiable(union, count)
-    ctx.chunk_size, ctx.scale = chunk_size, scale
+    q, k, v, weights, indices, chunk_size, scale, by_chunk = inputs
+    _, index_a, index_b = output
+    ctx.save_for_backward(q, k, v, weights, indices, index_a, index_b)
+    ctx.mark_non_differentiable(index_a, index_b)
+    ctx.chunk_size, ctx.scale, ctx.by_chunk = chunk_size, scale, by_chunk
 
 
-def _backward(ctx, do, _dunion, _dcount):
-    q, k, v, weights, indices, union, count = ctx.saved_tensors
-    dq, dk, dv, dw = _hsa_attention_backward_op(do, q, k, v, weights, indices, union, count,
-                                                ctx.chunk_size, ctx.scale)
-    return dq, dk, dv, dw.to(weights.dtype), None, None, None
+def _backward(ctx, do, _da, _db):
+    q, k, v, weights, indices, index_a, index_b = ctx.saved_tensors
+    dq, dk, dv, dw = _hsa_attention_backward_op(do, q, k, v, weights, indices, index_a, index_b,
+                                                ctx.chunk_size, ctx.scale, ctx.by_chunk)
+    return dq, dk, dv, dw.to(weights.dtype), None, None, None, None
 
 
 _hsa_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def uses_chunk_kernels(group: int, queries: int, top_k: int, memory_len: int) -> bool:
+    """Whether ``hsa_attention`` takes the chunk-centric kernels: for small groups G, where a token tile's
+    union of chunks wastes most of each K/V tile (docs/benchmarks.md), when the queries' picks fill the
+    chunks' lists (training, prefill; not decode over a long memory, where most chunks have none)."""
+    return _pow2(group) <= BY_CHUNK_MAX_GROUP and queries * top_k >= memory_len
+
+
 def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
-                  indices: torch.Tensor, chunk_size: int, scale: float | None = None) -> torch.Tensor:
+                  indices: torch.Tensor, chunk_size: int, scale: float | None = None,
+                  by_chunk: bool | None = None) -> torch.Tensor:
     """Triton HSA: same contract as ``hsa_attention_reference`` (q (B,T,H,D); k, v (B,Lm,Hkv,D);
-    weights float and indices int64 (B,T,Hkv,K)); differentiable in q, k, v and weights."""
+    weights float and indices int64 (B,T,Hkv,K)); differentiable in q, k, v and weights. ``by_chunk``
+    picks the kernels (chunk-centric or token-centric); None decides by the group size."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = common_dtype(q, k, v)
-    return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale)[0]
+    if by_chunk is None:
+        by_chunk = uses_chunk_kernels(q.shape[2] // k.shape[2], q.shape[1], indices.shape[-1], k.shape[1])
+    return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale, by_chunk)[0]
 
 
 def inner_contiguous(x: torch.Tensor) -> torch.Tensor:
