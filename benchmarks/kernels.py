@@ -100,7 +100,7 @@ def run_case(L, k, D, G, pattern, args, device, kernels="auto"):
     idx, w = finish_selection(raw, gen)
     w.requires_grad_()
     do = torch.randn_like(q)
-    by_chunk = {"auto": uses_chunk_kernels(G, L, k, L), "tokens": False, "chunks": True}[kernels]
+    by_chunk = {"auto": uses_chunk_kernels(q, L, G, k), "tokens": False, "chunks": True}[kernels]
 
     def hsa_attention(*a):
         return hsa(*a, by_chunk=by_chunk)

@@ -88,9 +88,12 @@ def test_topk_above_visible_count_and_short_sequence(by_chunk):
 
 
 def test_chunk_centric_kernels_serve_small_groups_over_full_chunk_lists():
-    assert parallel.uses_chunk_kernels(1, 4096, 32, 4096) and parallel.uses_chunk_kernels(4, 4096, 32, 4096)
-    assert not parallel.uses_chunk_kernels(8, 4096, 32, 4096)  # the token tile holds few tokens already
-    assert not parallel.uses_chunk_kernels(1, 1, 32, 1 << 20)  # decode: most chunks' lists are empty
+    q = torch.empty(1, 4096, 16, 128, device="meta", dtype=torch.bfloat16)
+    assert parallel.uses_chunk_kernels(q, 4096, 1, 32) and parallel.uses_chunk_kernels(q, 4096, 4, 32)
+    assert not parallel.uses_chunk_kernels(q, 4096, 8, 32)  # the token tile holds few tokens already
+    assert not parallel.uses_chunk_kernels(q[:, :1], 1 << 20, 1, 32)  # decode: most chunks' lists are empty
+    long = torch.empty(1, 1 << 17, 16, 128, device="meta", dtype=torch.bfloat16)
+    assert not parallel.uses_chunk_kernels(long, 1 << 17, 1, 32)  # 16 GiB of partial outputs
 
 
 def test_gradients_are_bitwise_reproducible():

@@ -25,6 +25,7 @@ import triton.language as tl
 ROWS_PER_TILE = 64  # target rows (tokens x heads) sharing one K/V tile
 MIN_ENTRIES_PER_ITEM = 256  # smallest dK/dV work item; larger when there is enough work to fill the GPU
 BY_CHUNK_MAX_GROUP = 4  # padded group sizes up to this take the chunk-centric kernels of by_chunk.py
+CHUNK_PARTIALS_MAX_BYTES = 8 << 30  # their per-slot outputs (and dQ shares) beyond this: token-centric kernels
 
 
 def _tuned(*key: str):
@@ -452,11 +453,14 @@ def _backward(ctx, do, _da, _db):
 _hsa_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def uses_chunk_kernels(group: int, queries: int, top_k: int, memory_len: int) -> bool:
-    """Whether ``hsa_attention`` takes the chunk-centric kernels: for small groups G, where a token tile's
-    union of chunks wastes most of each K/V tile (docs/benchmarks.md), when the queries' picks fill the
-    chunks' lists (training, prefill; not decode over a long memory, where most chunks have none)."""
-    return _pow2(group) <= BY_CHUNK_MAX_GROUP and queries * top_k >= memory_len
+def uses_chunk_kernels(q: torch.Tensor, memory_len: int, group: int, top_k: int) -> bool:
+    """Whether ``hsa_attention`` takes the chunk-centric kernels for queries ``q`` (B, T, H, D): for small
+    groups G, where a token tile's union of chunks wastes most of each K/V tile (docs/benchmarks.md), when
+    the queries' picks fill the chunks' lists (training, prefill; not decode over a long memory, where most
+    chunks have none) and their per-slot partial outputs (B*T*k*H*D) fit the memory budget for them."""
+    B, T, H, D = q.shape
+    partials = B * T * top_k * H * D * q.element_size()
+    return _pow2(group) <= BY_CHUNK_MAX_GROUP and T * top_k >= memory_len and partials <= CHUNK_PARTIALS_MAX_BYTES
 
 
 def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
@@ -468,7 +472,7 @@ def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: to
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = common_dtype(q, k, v)
     if by_chunk is None:
-        by_chunk = uses_chunk_kernels(q.shape[2] // k.shape[2], q.shape[1], indices.shape[-1], k.shape[1])
+        by_chunk = uses_chunk_kernels(q, k.shape[1], q.shape[2] // k.shape[2], indices.shape[-1])
     return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale, by_chunk)[0]
 
 
