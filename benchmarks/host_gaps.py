@@ -27,17 +27,16 @@ def load(path: str) -> list[dict]:
 
 def gaps(events: list[dict], min_gap_us: float = 10.0) -> tuple[dict, dict, float, float]:
     """(gap time by launching frame, gap time by host operator during the gap, total gap, busy) in us."""
-    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                     key=lambda e: e["ts"])
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("ph") == "X" and e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    def spans(*cats):
+        return [e for e in events if e.get("ph") == "X" and e.get("cat") in cats]
+
+    kernels = sorted(spans("kernel", "gpu_memcpy", "gpu_memset"), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in spans("cuda_runtime", "cuda_driver")
+                if "correlation" in e.get("args", {})}
     host = defaultdict(list)  # (pid, tid) -> host events sorted by start
-    for e in events:
-        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "python_function"):
-            host[(e["pid"], e["tid"])].append(e)
-    for spans in host.values():
-        spans.sort(key=lambda e: e["ts"])
-    starts = {key: [e["ts"] for e in spans] for key, spans in host.items()}
+    for e in sorted(spans("cpu_op", "python_function"), key=lambda e: e["ts"]):
+        host[(e["pid"], e["tid"])].append(e)
+    starts = {key: [e["ts"] for e in thread] for key, thread in host.items()}
 
     def enclosing(key, ts):
         """Host events of thread ``key`` that contain time ``ts``, outermost first."""
@@ -59,12 +58,13 @@ def gaps(events: list[dict], min_gap_us: float = 10.0) -> tuple[dict, dict, floa
             else:
                 key = (launch["pid"], launch["tid"])
                 stack = enclosing(key, launch["ts"])
-                ours = [e["name"] for e in stack if e["cat"] == "python_function" and any(p in e["name"] for p in PROJECT)]
+                ours = [e["name"] for e in stack
+                        if e["cat"] == "python_function" and any(p in e["name"] for p in PROJECT)]
                 ops = [e["name"] for e in stack if e["cat"] == "cpu_op"]
                 by_frame[ours[-1] if ours else ops[-1] if ops else launch["name"]] += gap
                 # what the launching thread ran until it launched the kernel (operators and frames, nested)
-                spans, at = host.get(key, []), starts.get(key, [])
-                inside = spans[bisect.bisect_right(at, end):bisect.bisect_left(at, launch["ts"])]
+                thread, at = host.get(key, []), starts.get(key, [])
+                inside = thread[bisect.bisect_right(at, end):bisect.bisect_left(at, launch["ts"])]
                 for e in enclosing(key, end) + inside:
                     by_op[e["name"]] += max(0.0, min(e["ts"] + e["dur"], launch["ts"]) - max(e["ts"], end))
         end = max(end or 0.0, k["ts"] + k["dur"])
@@ -73,8 +73,10 @@ def gaps(events: list[dict], min_gap_us: float = 10.0) -> tuple[dict, dict, floa
 
 def report(path: str, min_gap_us: float = 10.0, top: int = 25, steps: int = 1) -> None:
     by_frame, by_op, total, busy = gaps(load(path), min_gap_us)
-    print(f"GPU busy {busy / 1e3 / steps:.1f} ms, idle in gaps >= {min_gap_us:g} us {total / 1e3 / steps:.1f} ms per step")
-    for title, table in (("launching frame", by_frame), ("host operator or frame before the launch (nested, so they overlap)", by_op)):
+    print(f"GPU busy {busy / 1e3 / steps:.1f} ms, idle in gaps >= {min_gap_us:g} us "
+          f"{total / 1e3 / steps:.1f} ms per step")
+    titles = ("launching frame", "host operator or frame before the launch (nested, so they overlap)")
+    for title, table in zip(titles, (by_frame, by_op)):
         print(f"\n| idle ms per step | {title} |\n|---|---|")
         for name, us in sorted(table.items(), key=lambda x: -x[1])[:top]:
             print(f"| {us / 1e3 / steps:.2f} | {name[:140]} |")

@@ -86,7 +86,8 @@ def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int,
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
-        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(trace_gaps)) as prof:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with torch_profile(activities=activities, with_stack=bool(trace_gaps)) as prof:
             for _ in range(profile):
                 step()
             torch.cuda.synchronize()
@@ -132,7 +133,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", type=int, default=0, help="also profile this many steps per row (kernel table)")
     ap.add_argument("--sync_debug", type=int, default=0, help="report the operations that wait for the GPU in one step")
-    ap.add_argument("--trace_gaps", default="", help="with --profile: a folder for the traces; blames the GPU's idle gaps on host code")
+    ap.add_argument("--trace_gaps", default="",
+                    help="with --profile: a folder for the traces; blames the GPU's idle gaps on host code")
     ap.add_argument("--out", default="docs/bench/training.json")
     args = ap.parse_args()
     device = torch.device("cuda")

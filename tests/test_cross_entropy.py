@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from hsa_lightning.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference, logit_rows_reference_
+from hsa_lightning.kernels.cross_entropy import (linear_cross_entropy, linear_cross_entropy_reference,
+                                                 logit_rows_reference_)
 from hsa_lightning.kernels.cross_entropy.parallel import logit_rows_
 
 

@@ -12,6 +12,9 @@ Semantics are exactly ``naive.hsa_attention_reference``. Layout of the work:
   <o_slot, dO>, computed in-tile as rowsum(P * dP).
 * dK and dV: one program per (chunk, batch, KV head) over the compact list of (token, slot) pairs that
   picked the chunk (a CSR built by a stable sort), so every gradient is written once: deterministic.
+
+Small query groups (padded G <= 4) take the chunk-centric kernels of ``by_chunk.py`` instead, where the
+token blocks' unions would waste most of each K/V tile (``uses_chunk_kernels``).
 """
 from __future__ import annotations
 
@@ -354,15 +357,17 @@ def hsa_forward(q, k, v, weights, indices, chunk_size: int, scale: float, by_chu
     return o, union, count
 
 
-def hsa_backward(do, q, k, v, weights, indices, union, count, chunk_size: int, scale: float, by_chunk: bool = False):
-    """``union`` and ``count``: the forward's ``block_union`` of ``indices`` (``by_chunk``: its entries
-    and offsets)."""
+def hsa_backward(do, q, k, v, weights, indices, index_a, index_b, chunk_size: int, scale: float,
+                 by_chunk: bool = False):
+    """``index_a``, ``index_b``: the index ``hsa_forward`` returned (union and count; ``by_chunk``:
+    entries and offsets)."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     weights, indices = weights.float().contiguous(), indices.to(torch.int32).contiguous()
     if by_chunk:
         from hsa_lightning.kernels.hsa.by_chunk import backward_by_chunk
 
-        return backward_by_chunk(do, q, k, v, weights, indices, union, count, chunk_size, scale)
+        return backward_by_chunk(do, q, k, v, weights, indices, index_a, index_b, chunk_size, scale)
+    union, count = index_a, index_b
     B, T, H, D = q.shape
     Lm, Hkv, K = k.shape[1], k.shape[2], indices.shape[-1]
     G = H // Hkv
