@@ -9,8 +9,8 @@ from the inverse index ``chunk_csr`` builds (every slot, zero weights included, 
 No row is wasted; the price is one partial output per (token, slot), written once and summed over the
 slots by a second pass in slot order (deterministic, no atomics).
 
-The backward has the same shape: per entry it recomputes P, accumulates the chunk's dK and dV in
-registers, and writes the entry's dQ partial and its dw; split chunks' dK/dV partials and the dQ
+The backward is the token-centric path's dK/dV pass (``parallel.dkdv_pass``) asked for dQ as well: per
+entry it also writes the entry's dQ partial and its dw; split chunks' dK/dV partials and the dQ
 partials are then summed. Same semantics as ``naive.hsa_attention_reference``.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hsa_lightning.kernels.hsa.parallel import (_chunk_softmax, _hsa_bwd_dkdv_reduce_kernel, _pow2, _rows_from_tokens,
-                                                _tuned, chunk_csr, dkdv_work)
+from hsa_lightning.kernels.hsa.parallel import (_chunk_softmax, _entry_block, _pow2, _rows_from_tokens, _tuned,
+                                                chunk_csr, dkdv_pass, dkdv_work)
 
 ROWS = 64  # (entry, head) rows per MMA tile
 
@@ -29,17 +29,6 @@ def entry_rows(group: int) -> tuple[int, int]:
     """(entries per block BR, padded group G_PAD): BR * G_PAD = 64 rows, or G_PAD rows for larger groups."""
     g_pad = _pow2(group)
     return max(1, ROWS // g_pad), g_pad
-
-
-@triton.jit
-def _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR: tl.constexpr, KSEL: tl.constexpr):
-    """The block of BR entries at e0: (token, slot, weight, in range) per entry."""
-    pos = e0 + tl.arange(0, BR)
-    ok = pos < end
-    entry = tl.load(e_base + pos, mask=ok, other=0)
-    tok, sel = entry // KSEL, entry % KSEL
-    w = tl.load(W + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + sel, mask=ok, other=0.0)
-    return tok, sel, w, ok
 
 
 @_tuned("G", "D", "S", "KSEL", "BR")
@@ -79,65 +68,6 @@ def _fwd_by_chunk_kernel(
             o = tl.dot(p.to(v.dtype), v) * _rows_from_tokens(w, BR, G_PAD)[:, None]
             o_off = b.to(tl.int64) * spb + tok_row[:, None] * spt + sel_row[:, None] * sps + head[:, None] * sph
             tl.store(OP + o_off + d[None, :], o.to(OP.dtype.element_ty), mask=row_ok[:, None])
-
-
-@_tuned("G", "D", "S", "KSEL", "BR")
-@triton.jit
-def _bwd_by_chunk_kernel(
-    Q, Kmem, V, W, ENTRIES, TABLE, DO, DK, DV, PART_DK, PART_DV, DQP, DW,
-    sqb, sqt, sqh, skb, skt, skh, swb, swt, swh, seb, seh, stb, sth, spb, sph, sps,
-    sdb, sdt, sds, sdh,
-    T, HKV, scale,
-    G: tl.constexpr, G_PAD: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
-    KSEL: tl.constexpr,
-):
-    """Per entry: dQ partial (DQP[b, token, slot, head]) and dw; per chunk: dK, dV (or a partial of them)."""
-    item = tl.program_id(0)
-    b = tl.program_id(1) // HKV
-    h = tl.program_id(1) % HKV
-    row = TABLE + b.to(tl.int64) * stb + h * sth + item.to(tl.int64) * 4
-    c = tl.load(row)
-    if c >= 0:
-        start = tl.load(row + 1)
-        end = tl.load(row + 2)
-        slot = tl.load(row + 3)
-        d = tl.arange(0, D)
-        s_idx = tl.arange(0, S)
-        kv_off = b.to(tl.int64) * skb + (c.to(tl.int64) * S + s_idx)[:, None] * skt + h * skh + d[None, :]
-        k = tl.load(Kmem + kv_off)  # (S, D)
-        v = tl.load(V + kv_off)
-        dk = tl.zeros((S, D), dtype=tl.float32)
-        dv = tl.zeros((S, D), dtype=tl.float32)
-        e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
-        g = tl.arange(0, BR * G_PAD) % G_PAD
-        head = (h * G + g).to(tl.int64)
-        for e0 in range(start, end, BR):
-            tok, sel, w, ok = _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR, KSEL)
-            tok_row = _rows_from_tokens(tok, BR, G_PAD).to(tl.int64)
-            sel_row = _rows_from_tokens(sel, BR, G_PAD).to(tl.int64)
-            row_ok = _rows_from_tokens(ok, BR, G_PAD) & (g < G)
-            row_off = b.to(tl.int64) * sqb + tok_row[:, None] * sqt + head[:, None] * sqh + d[None, :]
-            q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-            p = _chunk_softmax(q, tl.trans(k), scale)  # (M, S)
-            dp = tl.dot(do, tl.trans(v))
-            delta = tl.sum(p * dp, axis=1)  # <o_c, dO> per row; 0 on padded rows (dO = 0)
-            wp = _rows_from_tokens(w, BR, G_PAD)[:, None] * p
-            dv += tl.dot(tl.trans(wp.to(do.dtype)), do)
-            ds = wp * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-            dq = tl.dot(ds.to(k.dtype), k) * scale
-            dq_off = b.to(tl.int64) * sdb + tok_row[:, None] * sdt + sel_row[:, None] * sds + head[:, None] * sdh
-            tl.store(DQP + dq_off + d[None, :], dq.to(DQP.dtype.element_ty), mask=row_ok[:, None])
-            dw = tl.sum(tl.reshape(delta, (BR, G_PAD)), axis=1)  # summed over the group's heads
-            tl.store(DW + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + sel, dw, mask=ok)
-        if slot < 0:  # the chunk's only item: final gradients
-            tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
-            tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
-        else:
-            p_off = b.to(tl.int64) * spb + h * sph + slot.to(tl.int64) * sps + s_idx[:, None] * D + d[None, :]
-            tl.store(PART_DK + p_off, dk)
-            tl.store(PART_DV + p_off, dv)
 
 
 @triton.jit
@@ -190,31 +120,10 @@ def forward_by_chunk(q, k, v, weights, indices, chunk_size: int, scale: float):
 
 
 def backward_by_chunk(do, q, k, v, weights, indices, entries, offsets, chunk_size: int, scale: float):
-    """(dq, dk, dv, dw) from the forward's inverse index."""
+    """(dq, dk, dv, dw) from the forward's inverse index: one dK/dV pass that also writes the dQ shares."""
     B, T, H, D = q.shape
-    Hkv, K = k.shape[2], indices.shape[-1]
-    G = H // Hkv
-    br, g_pad = entry_rows(G)
-    table, n_items, first_slot, _, n_slots = dkdv_work(offsets, T * K, br)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    part_dk = torch.empty(B, Hkv, n_slots, chunk_size, D, device=k.device, dtype=torch.float32)
-    part_dv = torch.empty_like(part_dk)
-    dq_partial = torch.empty(B, T, K, H, D, device=q.device, dtype=q.dtype)
+    dq_partial = torch.empty(B, T, indices.shape[-1], H, D, device=q.device, dtype=q.dtype)
     dw = torch.empty_like(weights)
-    _bwd_by_chunk_kernel[(table.shape[2], B * Hkv)](
-        q, k, v, weights, entries, table, do, dk, dv, part_dk, part_dv, dq_partial, dw,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        weights.stride(0), weights.stride(1), weights.stride(2),
-        entries.stride(0), entries.stride(1), table.stride(0), table.stride(1),
-        part_dk.stride(0), part_dk.stride(1), part_dk.stride(2),
-        dq_partial.stride(0), dq_partial.stride(1), dq_partial.stride(2), dq_partial.stride(3),
-        T, Hkv, scale,
-        G=G, G_PAD=g_pad, BR=br, S=chunk_size, D=D, KSEL=K,
-    )
-    _hsa_bwd_dkdv_reduce_kernel[(k.shape[1] // chunk_size, B * Hkv)](
-        n_items, first_slot, part_dk, part_dv, dk, dv,
-        n_items.stride(0), n_items.stride(1), part_dk.stride(0), part_dk.stride(1), part_dk.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        Hkv, scale, S=chunk_size, D=D,
-    )
+    br, _ = entry_rows(H // k.shape[2])
+    dk, dv = dkdv_pass(do, q, k, v, weights, entries, offsets, chunk_size, scale, br, dq_partial, dw)
     return _sum_slots(dq_partial, torch.empty_like(q)), dk, dv, dw

@@ -232,15 +232,29 @@ def _hsa_bwd_dq_kernel(
     tl.store(DW + sel_off, dw, mask=sel_ok)
 
 
-@_tuned("G", "D", "S", "KSEL", "BR")
+@triton.jit
+def _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR: tl.constexpr, KSEL: tl.constexpr):
+    """The block of BR entries (token * KSEL + slot) of a chunk's list at e0: token, slot, weight, in range."""
+    pos = e0 + tl.arange(0, BR)
+    ok = pos < end
+    entry = tl.load(e_base + pos, mask=ok, other=0)
+    tok, sel = entry // KSEL, entry % KSEL
+    w = tl.load(W + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + sel, mask=ok, other=0.0)
+    return tok, sel, w, ok
+
+
+@_tuned("G", "D", "S", "KSEL", "BR", "WITH_DQ")
 @triton.jit
 def _hsa_bwd_dkdv_kernel(
-    Q, Kmem, V, W, ENTRIES, TABLE, DO, DK, DV, PART_DK, PART_DV,
-    sqb, sqt, sqh, skb, skt, skh, swb, swt, swh, seb, seh, stb, sth, spb, sph, sps,
+    Q, Kmem, V, W, ENTRIES, TABLE, DO, DK, DV, PART_DK, PART_DV, DQP, DW,
+    sqb, sqt, sqh, skb, skt, skh, swb, swt, swh, seb, seh, stb, sth, spb, sph, sps, sdb, sdt, sds, sdh,
     T, HKV, scale,
     G: tl.constexpr, G_PAD: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
-    KSEL: tl.constexpr,
+    KSEL: tl.constexpr, WITH_DQ: tl.constexpr,
 ):
+    """dK, dV of one work item's chunk (or a partial of them) over its (token, slot) entries; ``WITH_DQ``
+    (the chunk-centric backward of ``by_chunk.py``) also writes each entry's dQ share DQP[b, token, slot,
+    head] and its dw."""
     item = tl.program_id(0)
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
@@ -258,15 +272,10 @@ def _hsa_bwd_dkdv_kernel(
         dk = tl.zeros((S, D), dtype=tl.float32)
         dv = tl.zeros((S, D), dtype=tl.float32)
         e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
-        r = tl.arange(0, BR * G_PAD)
-        g = r % G_PAD
+        g = tl.arange(0, BR * G_PAD) % G_PAD
         head = (h * G + g).to(tl.int64)
         for e0 in range(start, end, BR):
-            pos = e0 + tl.arange(0, BR)
-            ok = pos < end
-            entry = tl.load(e_base + pos, mask=ok, other=0)
-            tok, sel = entry // KSEL, entry % KSEL
-            w = tl.load(W + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + sel, mask=ok, other=0.0)
+            tok, sel, w, ok = _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR, KSEL)
             tok_row = _rows_from_tokens(tok, BR, G_PAD).to(tl.int64)
             row_ok = _rows_from_tokens(ok, BR, G_PAD) & (g < G)
             row_off = b.to(tl.int64) * sqb + tok_row[:, None] * sqt + head[:, None] * sqh + d[None, :]
@@ -274,11 +283,18 @@ def _hsa_bwd_dkdv_kernel(
             do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
             p = _chunk_softmax(q, tl.trans(k), scale)  # (M, S)
             dp = tl.dot(do, tl.trans(v))
-            delta = tl.sum(p * dp, axis=1)
+            delta = tl.sum(p * dp, axis=1)  # <o_c, dO> per row; 0 on padded rows (dO = 0)
             wp = _rows_from_tokens(w, BR, G_PAD)[:, None] * p
             dv += tl.dot(tl.trans(wp.to(do.dtype)), do)
             ds = wp * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            if WITH_DQ:
+                sel_row = _rows_from_tokens(sel, BR, G_PAD).to(tl.int64)
+                dq = tl.dot(ds.to(k.dtype), k) * scale
+                dq_off = b.to(tl.int64) * sdb + tok_row[:, None] * sdt + sel_row[:, None] * sds + head[:, None] * sdh
+                tl.store(DQP + dq_off + d[None, :], dq.to(DQP.dtype.element_ty), mask=row_ok[:, None])
+                dw = tl.sum(tl.reshape(delta, (BR, G_PAD)), axis=1)  # summed over the group's heads
+                tl.store(DW + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + sel, dw, mask=ok)
         if slot < 0:  # the chunk's only item: final gradients
             tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
             tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
@@ -382,28 +398,40 @@ def hsa_backward(do, q, k, v, weights, indices, index_a, index_b, chunk_size: in
         T, Hkv, scale,
         G=G, G_PAD=g_pad, BT=bt, S=chunk_size, D=D, KSEL=K, K_PAD=_pow2(K),
     )
-    n_chunks = Lm // chunk_size
-    entries, offsets = chunk_csr(indices, weights, n_chunks)
-    table, n_items, first_slot, _, n_slots = dkdv_work(offsets, T * K, bt)
+    entries, offsets = chunk_csr(indices, weights, Lm // chunk_size)
+    dk, dv = dkdv_pass(do, q, k, v, weights, entries, offsets, chunk_size, scale, bt)
+    return dq, dk, dv, dw
+
+
+def dkdv_pass(do, q, k, v, weights, entries, offsets, chunk_size: int, scale: float, block: int,
+              dq_partial: torch.Tensor | None = None, dw: torch.Tensor | None = None):
+    """dK, dV over the chunks' entry lists, ``block`` entries at a time; given ``dq_partial`` (B, T, K, H, D)
+    and ``dw``, the same pass also writes every entry's dQ share and dw (the chunk-centric backward)."""
+    B, T, H, D = q.shape
+    Hkv, K = k.shape[2], weights.shape[-1]
+    table, n_items, first_slot, _, n_slots = dkdv_work(offsets, T * K, block)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     part_dk = torch.empty(B, Hkv, n_slots, chunk_size, D, device=k.device, dtype=torch.float32)
     part_dv = torch.empty_like(part_dk)
+    with_dq = dq_partial is not None
+    dq_strides = dq_partial.stride()[:4] if with_dq else (0, 0, 0, 0)
     _hsa_bwd_dkdv_kernel[(table.shape[2], B * Hkv)](
         q, k, v, weights, entries, table, do, dk, dv, part_dk, part_dv,
+        dq_partial if with_dq else dk, dw if with_dq else dk,  # unused without dQ
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         weights.stride(0), weights.stride(1), weights.stride(2),
         entries.stride(0), entries.stride(1), table.stride(0), table.stride(1),
-        part_dk.stride(0), part_dk.stride(1), part_dk.stride(2),
+        part_dk.stride(0), part_dk.stride(1), part_dk.stride(2), *dq_strides,
         T, Hkv, scale,
-        G=G, G_PAD=g_pad, BR=bt, S=chunk_size, D=D, KSEL=K,
+        G=H // Hkv, G_PAD=_pow2(H // Hkv), BR=block, S=chunk_size, D=D, KSEL=K, WITH_DQ=with_dq,
     )
-    _hsa_bwd_dkdv_reduce_kernel[(n_chunks, B * Hkv)](
+    _hsa_bwd_dkdv_reduce_kernel[(k.shape[1] // chunk_size, B * Hkv)](
         n_items, first_slot, part_dk, part_dv, dk, dv,
         n_items.stride(0), n_items.stride(1), part_dk.stride(0), part_dk.stride(1), part_dk.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         Hkv, scale, S=chunk_size, D=D,
     )
-    return dq, dk, dv, dw
+    return dk, dv
 
 
 # -- autograd: a custom op with a fake implementation, so torch.compile treats it as opaque ----------
