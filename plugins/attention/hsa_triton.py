@@ -87,7 +87,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def sliding_window_block_mask(T: int, window: int, device) -> "BlockMask":
+def sliding_window_block_mask(T: int, window: int, device):
     """FlexAttention's block mask for causal attention over the last ``window`` keys (T a multiple of 128),
     built from the band's tile structure with a few small tensor ops: inside a compiled unit it joins the
     graph instead of breaking it, and it never evaluates the (T, T) mask."""
