@@ -100,9 +100,11 @@ def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int,
 
             with tempfile.TemporaryDirectory() as tmp:
                 prof.export_chrome_trace(f"{tmp}/trace.json")
-                with open(f"{tmp}/trace.json", "rb") as src, gzip.open(f"{tmp}/trace.json.gz", "wb") as dst:
+                # compressed beside its destination, then renamed: whole or not at all (a rename from /tmp
+                # could cross file systems)
+                with open(f"{tmp}/trace.json", "rb") as src, gzip.open(f"{trace_gaps}.part", "wb") as dst:
                     shutil.copyfileobj(src, dst)
-                os.replace(f"{tmp}/trace.json.gz", trace_gaps)  # whole or not at all
+                os.replace(f"{trace_gaps}.part", trace_gaps)
             report(trace_gaps, steps=profile)
         events = prof.key_averages()
         print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
