@@ -77,8 +77,11 @@ def test_offloaded_chunk_memory_gives_the_same_logits():
     assert offloaded.store.kv.device.type == "cpu" and not hasattr(offloaded.store, "k")
 
 
-def test_hsatriton_engine_matches_full_forward_with_fused_retrieval_offsets():
-    """Segments of 64 tokens take the fused retrieval with query_start > 0 (interpreter on CPU)."""
+def test_hsatriton_engine_matches_full_forward_with_fused_retrieval_offsets(monkeypatch):
+    """Segments of 64 tokens take the fused retrieval with query_start > 0 (interpreter on CPU); offload
+    gives the same bits with either HSA kernel family."""
+    from hsa_lightning.kernels.hsa import parallel
+
     model = build_model("HSATriton", ("UltraLong", {"groups": 2}), dtype=torch.float32, chunk_size=16,
                         d_model=64, head_dim=16, n_heads=4, hsa_kv_heads=1, top_k=2, window=20).eval()
     x = torch.randint(0, 64, (1, 150))
@@ -86,6 +89,12 @@ def test_hsatriton_engine_matches_full_forward_with_fused_retrieval_offsets():
     e = engine(model, max_tokens=160, batch_size=1, segment_len=64)
     out = torch.cat([e.prefill(x[:, :148], last=None), e.step(x[:, 148])[:, None], e.step(x[:, 149])[:, None]], 1)
     torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
+    off = engine(model, max_tokens=160, batch_size=1, segment_len=64, offload=True)
+    for by_chunk in (False, True):  # the family is chosen by memory size, smaller when offloaded
+        monkeypatch.setattr(parallel, "uses_chunk_kernels", lambda *args, _forced=by_chunk: _forced)
+        e.reset()
+        off.reset()
+        torch.testing.assert_close(off.prefill(x, last=None), e.prefill(x, last=None), rtol=0, atol=0)
 
 
 def test_moe_model_prefill_equals_full_forward():

@@ -47,6 +47,7 @@ def main() -> None:
         json.dump({"loss_err": loss_err, "grad_err": grad_err, "bias_equal": bias_equal, "moved": bool(moved), "expert_grad": expert_grad,
                    "local_w_gate": sharded_experts,
                    "bias": [b.tolist() for b in results["sharded"][2]]}, f)
+    dist.barrier()  # neither rank tears gloo down while the other may still be reading from it
     dist.destroy_process_group()
 
 
