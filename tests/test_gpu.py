@@ -199,8 +199,8 @@ def test_moe_grouped_experts_bf16_on_cuda_match_fp32_and_repeat_exactly():
 
 def test_inference_engine_on_cuda_matches_the_full_forward_and_offload_is_identical(monkeypatch):
     """bf16 HSATriton: segmented prefill (fused retrieval with query_start, Triton HSA over a strided
-    cache prefix), suffix-only scoring and decode against one fp32 full forward; offload bit-identical
-    for either HSA kernel family."""
+    cache prefix), suffix-only scoring and decode against one fp32 full forward; offload bit-identical,
+    also with either HSA kernel family forced."""
     from hsa_lightning.inference import InferenceEngine
     from hsa_lightning.kernels.hsa import parallel
 
@@ -219,10 +219,9 @@ def test_inference_engine_on_cuda_matches_the_full_forward_and_offload_is_identi
     e.reset()
     assert rel_err(e.prefill(x, last=4), full[:, -4:]) < 2e-2
     off = InferenceEngine(model, offload=True, **kw)
-    # Offload attends over the union of the selected chunks, a smaller memory than the resident one, and
-    # the kernel family is chosen by memory size: compare with the same family forced on both.
-    for by_chunk in (False, True):
-        monkeypatch.setattr(parallel, "uses_chunk_kernels", lambda *args, _forced=by_chunk: _forced)
+    for by_chunk in (None, False, True):  # the backend's own choice, then each kernel family forced
+        if by_chunk is not None:
+            monkeypatch.setattr(parallel, "uses_chunk_kernels", lambda *args, _forced=by_chunk: _forced)
         e.reset()
         off.reset()
         assert torch.equal(off.prefill(x, last=None), e.prefill(x, last=None)), by_chunk

@@ -90,8 +90,9 @@ def test_hsatriton_engine_matches_full_forward_with_fused_retrieval_offsets(monk
     out = torch.cat([e.prefill(x[:, :148], last=None), e.step(x[:, 148])[:, None], e.step(x[:, 149])[:, None]], 1)
     torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
     off = engine(model, max_tokens=160, batch_size=1, segment_len=64, offload=True)
-    for by_chunk in (False, True):  # the family is chosen by memory size, smaller when offloaded
-        monkeypatch.setattr(parallel, "uses_chunk_kernels", lambda *args, _forced=by_chunk: _forced)
+    for by_chunk in (None, False, True):  # the backend's own choice, then each kernel family forced
+        if by_chunk is not None:
+            monkeypatch.setattr(parallel, "uses_chunk_kernels", lambda *args, _forced=by_chunk: _forced)
         e.reset()
         off.reset()
         torch.testing.assert_close(off.prefill(x, last=None), e.prefill(x, last=None), rtol=0, atol=0)

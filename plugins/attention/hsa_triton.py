@@ -73,11 +73,16 @@ class HSATriton(AttentionBackend):
 
     def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection,
                          doc_start: Optional[torch.Tensor] = None, query_start: int = 0) -> torch.Tensor:
-        from hsa_lightning.kernels.hsa.parallel import hsa_attention
+        from hsa_lightning.kernels.hsa.parallel import hsa_attention, uses_chunk_kernels
 
         if selection.joint:
             raise PluginError("HSATriton does not implement fusion='joint'; use HSAReference for that ablation")
-        return hsa_attention(q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size)
+        # The kernel family follows the whole memory (one landmark per chunk), not the K/V passed in:
+        # offloaded inference passes only the selected chunks and must compute what resident inference does.
+        memory_len = memory.landmarks.shape[1] * memory.chunk_size
+        by_chunk = uses_chunk_kernels(q, memory_len, q.shape[2] // memory.k.shape[2], selection.indices.shape[-1])
+        return hsa_attention(q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size,
+                             by_chunk=by_chunk)
 
 
 @functools.lru_cache(maxsize=None)
