@@ -89,13 +89,16 @@ def test_hsatriton_engine_matches_full_forward_with_fused_retrieval_offsets(monk
     e = engine(model, max_tokens=160, batch_size=1, segment_len=64)
     out = torch.cat([e.prefill(x[:, :148], last=None), e.step(x[:, 148])[:, None], e.step(x[:, 149])[:, None]], 1)
     torch.testing.assert_close(out, full, rtol=1e-5, atol=1e-5)
-    off = engine(model, max_tokens=160, batch_size=1, segment_len=64, offload=True)
+    # Two rows: offload gathers the union of both rows' chunks, more K/V than one row's memory, so
+    # choosing the kernel family by the K/V passed in would differ between offloaded and resident.
+    x = torch.randint(0, 64, (2, 150))
+    e, off = (engine(model, max_tokens=160, batch_size=2, segment_len=64, offload=o) for o in (False, True))
     for by_chunk in (None, False, True):  # the backend's own choice, then each kernel family forced
         if by_chunk is not None:
             monkeypatch.setattr(parallel, "uses_chunk_kernels", lambda *args, _forced=by_chunk: _forced)
+        torch.testing.assert_close(off.prefill(x, last=None), e.prefill(x, last=None), rtol=0, atol=0)
         e.reset()
         off.reset()
-        torch.testing.assert_close(off.prefill(x, last=None), e.prefill(x, last=None), rtol=0, atol=0)
 
 
 def test_moe_model_prefill_equals_full_forward():

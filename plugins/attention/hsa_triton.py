@@ -77,8 +77,8 @@ class HSATriton(AttentionBackend):
 
         if selection.joint:
             raise PluginError("HSATriton does not implement fusion='joint'; use HSAReference for that ablation")
-        # The kernel family follows the whole memory (one landmark per chunk), not the K/V passed in:
-        # offloaded inference passes only the selected chunks and must compute what resident inference does.
+        # The kernel family follows the memory (one landmark per chunk), not the K/V passed in: offloaded
+        # inference passes the union of all rows' selected chunks and must compute what resident inference does.
         memory_len = memory.landmarks.shape[1] * memory.chunk_size
         by_chunk = uses_chunk_kernels(q, memory_len, q.shape[2] // memory.k.shape[2], selection.indices.shape[-1])
         return hsa_attention(q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size,
