@@ -97,14 +97,12 @@ def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int,
             import tempfile
 
             from benchmarks.host_gaps import report
+            from hsa_lightning.data.atomic import atomic_file
 
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as tmp, atomic_file(trace_gaps) as partial:  # whole or not at all
                 prof.export_chrome_trace(f"{tmp}/trace.json")
-                # compressed beside its destination, then renamed: whole or not at all (a rename from /tmp
-                # could cross file systems)
-                with open(f"{tmp}/trace.json", "rb") as src, gzip.open(f"{trace_gaps}.part", "wb") as dst:
+                with open(f"{tmp}/trace.json", "rb") as src, gzip.open(partial, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-                os.replace(f"{trace_gaps}.part", trace_gaps)
             report(trace_gaps, steps=profile)
         events = prof.key_averages()
         print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))

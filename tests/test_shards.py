@@ -74,6 +74,19 @@ def test_output_is_atomic_and_never_overwritten_silently(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.txt", "out"]
 
 
+def test_atomic_file_replaces_only_when_complete(tmp_path):
+    from hsa_lightning.data.atomic import atomic_file
+
+    out = tmp_path / "sub" / "trace.gz"
+    with atomic_file(out) as partial:
+        partial.write_text("first")
+    with pytest.raises(RuntimeError, match="cut off"):
+        with atomic_file(out) as partial:
+            partial.write_text("half of the second")
+            raise RuntimeError("cut off")
+    assert out.read_text() == "first" and [p.name for p in out.parent.iterdir()] == ["trace.gz"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("empty", r"holds no text: 2 documents, all empty"),
     ("missing", r"input '.*nothing\.txt' does not exist"),

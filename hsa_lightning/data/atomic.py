@@ -1,4 +1,5 @@
-"""Outputs that are complete or absent: written under a temporary sibling name, renamed when done.
+"""Outputs (folders or single files) that are complete or absent: written under a temporary sibling name,
+renamed when done.
 
 A killed or failed run leaves nothing that looks like a finished folder, and an existing output is
 replaced only when asked and only once the new one is complete.
@@ -32,6 +33,20 @@ def atomic_folder(output: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_file(output: Path) -> Iterator[Path]:
+    """Yields the temporary sibling path to write; it replaces ``output`` when the block succeeds and is
+    removed when it fails (a sibling, so the rename never crosses file systems)."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    try:
+        yield partial
+        partial.replace(output)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _replace_folder(partial: Path, output: Path) -> None:

@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from hsa_lightning.data.atomic import atomic_file
 from hsa_lightning.errors import ConfigError
 
 DOC_SEP_TOKEN = "<|endoftext|>"
@@ -132,8 +133,6 @@ def train_bpe(texts: Iterator[str], vocab_size: int, output: str | Path) -> HFTo
     )
     tok.train_from_iterator(texts, trainer=trainer)
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    tok.save(str(tmp))
-    tmp.replace(output)  # atomic: a killed run never leaves a truncated tokenizer.json
+    with atomic_file(output) as partial:  # a killed run never leaves a truncated tokenizer.json
+        tok.save(str(partial))
     return HFTokenizer(output)
