@@ -1,6 +1,6 @@
 """How fast does a layout learn to copy from far back? A CPU-sized learnability check (not a test).
 
-Each sequence is ``s, gap, s, tail``: ``s`` is 96 random tokens, the gap random tokens of a length drawn
+Each sequence is ``s, gap, s, tail``: ``s`` is 96 random tokens (``--copy-len``), the gap random tokens of a length drawn
 per step (``--gap-max 0``: no gap, so the copy sits at a fixed offset). Only the second ``s`` is scored, so
 its loss starts at ln(vocab) and falls only once the model copies across more than the SWA window:
 through full attention, or through the chunk memory of HSA blocks. With a fixed offset a RoPE head can
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--top-k", default="4", help="an int or 'all'")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--gap-max", type=int, default=64, help="gaps are drawn from [0, gap-max); 0: fixed offset")
+    p.add_argument("--copy-len", type=int, default=96, help="tokens in s (the copy distance with --gap-max 0)")
     p.add_argument("--position-in-hsa", action="store_true")
     p.add_argument("--hsa-kv-heads", type=int, default=1, help="K/V heads of the chunk memory (of 4 query heads)")
     p.add_argument("--lr", type=float, default=3e-3)
@@ -44,7 +45,7 @@ def main() -> None:
     args = p.parse_args()
 
     load_plugins()
-    vocab, n, batch, tail = 64, 96, 16, max(args.gap_max, 1)
+    vocab, n, batch, tail = 64, args.copy_len, 16, max(args.gap_max, 1)
     torch.manual_seed(args.seed)
     fields = dict(vocab_size=vocab, d_model=64, n_layers=sum(c in "SFH" for c in args.layout), n_heads=4,
                   n_kv_heads=2, hsa_kv_heads=args.hsa_kv_heads, chunk_size=8, top_k=4, window=16,

@@ -12,13 +12,6 @@ from test_flash import naive_local_attention
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.fixture(autouse=True)
-def fresh_compile_state():
-    """Each test compiles from a clean slate, as one training process does: graphs that earlier tests
-    compiled for other shapes would otherwise count toward dynamo's recompile limit."""
-    torch._dynamo.reset()
-
-
 def rel_err(a, b):
     return ((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm()).item()
 

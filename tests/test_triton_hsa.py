@@ -211,3 +211,15 @@ def test_sliding_window_block_mask_compiles_without_a_graph_break():
     counts, full = tiles(torch.zeros(1024))
     want = sliding_window_block_mask(1024, 300, "cpu")
     assert torch.equal(counts, want.kv_num_blocks) and torch.equal(full, want.full_kv_indices)
+
+
+def test_cached_sliding_window_block_mask_first_built_in_inference_mode_can_be_saved_for_backward():
+    # evaluation (inference mode) can be the first to build a shape's mask; training then reuses the cache
+    from hsa_lightning.plugins.attention.hsa_triton import _cached_sliding_window_block_mask
+
+    _cached_sliding_window_block_mask.cache_clear()
+    with torch.inference_mode():
+        mask = _cached_sliding_window_block_mask(640, 200, "cpu")
+    assert mask is _cached_sliding_window_block_mask(640, 200, "cpu")
+    tensors = [t for t in vars(mask).values() if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.is_inference() for t in tensors)

@@ -117,7 +117,10 @@ def sliding_window_block_mask(T: int, window: int, device):
 
 @functools.lru_cache(maxsize=64)
 def _cached_sliding_window_block_mask(T: int, window: int, device: str):
-    return sliding_window_block_mask(T, window, device)
+    # built as normal tensors even when first asked for under inference mode (evaluation), so a later
+    # training step can save the cached mask for backward
+    with torch.inference_mode(False):
+        return sliding_window_block_mask(T, window, device)
 
 
 def _flex_sliding_window(q, k, v, window):
