@@ -131,16 +131,21 @@ def test_samples_are_a_pure_function_of_the_seed():
     assert not np.array_equal(a.sample(a.cells[0], 0)["input_ids"], a.sample(a.cells[0], 1)["input_ids"])
 
 
-def test_perplexity_windows_of_every_length_end_on_the_same_tokens():
+def test_perplexity_windows_of_every_length_end_on_the_same_tokens_whatever_the_length_list():
     data = LengthEvalData(tasks=["s_niah"], lengths=[600], ppl_corpus=str(ROOT / "README.md"),
                           ppl_lengths=[256, 1024, 512], ppl_samples=2)
-    data.setup("test")
+    shorter = LengthEvalData(tasks=["s_niah"], lengths=[600], ppl_corpus=str(ROOT / "README.md"),
+                             ppl_lengths=[256], ppl_samples=2)  # another run's list: the same text
+    data.setup("test"), shorter.setup("test")
     stream = data.ppl_stream
+    stride = len(stream) // 2
     for i in range(2):
         windows = {n: data.sample(Cell("perplexity", n), i)["input_ids"].numpy() for n in (256, 512, 1024)}
         assert {n: len(w) for n, w in windows.items()} == {256: 256, 512: 512, 1024: 1024}
-        assert np.array_equal(windows[1024], stream[i * 1024:(i + 1) * 1024])  # the longest tiles the stream
+        end = len(stream) - i * stride
+        assert np.array_equal(windows[1024], stream[end - 1024:end])
         assert np.array_equal(windows[512][-256:], windows[256]) and np.array_equal(windows[1024][-512:], windows[512])
+        assert np.array_equal(shorter.sample(Cell("perplexity", 256), i)["input_ids"].numpy(), windows[256])
 
 
 def test_report_plots_are_labelled_with_the_run_not_the_temporary_folder(tmp_path, monkeypatch):

@@ -93,9 +93,10 @@ class LengthEvalData(L.LightningDataModule):
             samples: samples per cell.
             ppl_corpus: held-out text (a shard folder, or files / folders / globs) for perplexity and
                 last-4K loss.
-            ppl_lengths: lengths of those perplexity windows. Window i of every length ends at
-                (i + 1) * max(ppl_lengths), so all lengths score the same final tokens with more or less
-                context before them (windows of one length do not overlap).
+            ppl_lengths: lengths of those perplexity windows. Window i of every length ends
+                i * (corpus tokens // ppl_samples) tokens before the corpus ends, so all lengths score the
+                same final tokens with more or less context before them, windows of one length do not
+                overlap, and runs with other length lists score the same text.
             ppl_samples: windows per length.
         """
         super().__init__()
@@ -179,9 +180,10 @@ class LengthEvalData(L.LightningDataModule):
     def sample(self, cell: Cell, i: int) -> dict:
         meta = {"task": cell.task, "length": cell.length, "depth": cell.depth, "index": i}
         if cell.task == "perplexity":
-            # every length's i-th window ends where the longest one does, so their last tokens are the same
-            # text and the last-window loss against length shows what the longer context is worth
-            end = (i + 1) * max(self.hparams.ppl_lengths)
+            # every length's i-th window ends at the same token, so the last-window loss against length shows
+            # what the longer context is worth; the end depends on the corpus only, never on the length list,
+            # so evaluations with different lengths compare on the same text
+            end = len(self.ppl_stream) - i * (len(self.ppl_stream) // self.hparams.ppl_samples)
             window = self.ppl_stream[end - cell.length:end]
             return {**meta, "eval_kind": "ppl", "input_ids": torch.from_numpy(window.copy())}
         rng = np.random.default_rng([self.seed, zlib.crc32(cell.task.encode()), cell.length, cell.depth + 1, i])
