@@ -34,6 +34,11 @@ def test_self_copy_doubles_the_first_half_with_matching_labels():
     assert out["input_ids"][0].tolist() == [1, 2, 3, 4, 1, 2, 3, 4]
     assert out["labels"][0].tolist() == [2, 3, 4, 1, 2, 3, 4, 5]
     assert "doc_start" not in out
+    copy_only = plugin("curriculum", "SelfCopy", score="copy").transform(batch)
+    assert copy_only["input_ids"][0].tolist() == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert copy_only["labels"][0].tolist() == [-100, -100, -100, -100, 2, 3, 4, 5]
+    with pytest.raises(ConfigError, match=r"curriculum stage SelfCopy score='half' must be 'both' or 'copy'"):
+        plugin("curriculum", "SelfCopy", score="half")
 
 
 class Recorder(L.Callback):
