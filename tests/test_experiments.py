@@ -83,3 +83,7 @@ def test_cpu_self_copy_probe_copies_for_the_whole_tiny_run():
     assert cfg[f"{stage}.class_path"].endswith(".SelfCopy")
     assert cfg[f"{stage}.init_args.top_k"] == "all" and cfg[f"{stage}.init_args.steps"] is None
     assert cfg["model.layout.class_path"].endswith(".UltraLong") and cfg["data.init_args.seq_len"] == 512
+    copy_only = flatten(resolved("configs/tiny.yaml", "configs/probes/self_copy_only_tiny.yaml"))
+    assert copy_only[f"{stage}.init_args.score"] == "copy"
+    assert {k: v for k, v in copy_only.items() if "score" not in k and "root_dir" not in k} == \
+        {k: v for k, v in cfg.items() if "score" not in k and "root_dir" not in k}  # only the scoring differs
