@@ -22,6 +22,7 @@ VARIANTS = {  # the resolved keys each file may (and must) change, besides its o
     "window_2048": ["model.config.window"],
     "warmup_none": [STAGES],
     "warmup_self_copy": [STAGES],
+    "warmup_self_copy_only": [STAGES],
     "memory_mean_standard": ["model.config.landmark", "model.config.hsa_residual"],
 }
 
