@@ -1,9 +1,9 @@
 """How fast does a layout learn to copy from far back? A CPU-sized learnability check (not a test).
 
-Each sequence is ``s, gap, s, tail``: ``s`` is 96 random tokens (``--copy-len``), the gap random tokens of a length drawn
-per step (``--gap-max 0``: no gap, so the copy sits at a fixed offset). Only the second ``s`` is scored, so
-its loss starts at ln(vocab) and falls only once the model copies across more than the SWA window:
-through full attention, or through the chunk memory of HSA blocks. With a fixed offset a RoPE head can
+Each sequence is ``s, gap, s, tail``: ``s`` is 96 random tokens (``--copy-len``), the gap random tokens
+of a length drawn per step (``--gap-max 0``: no gap, so the copy sits at a fixed offset). Only the second
+``s`` is scored, so its loss starts at ln(vocab) and falls only once the model copies across more than the
+SWA window: through full attention, or through the chunk memory of HSA blocks. With a fixed offset a RoPE head can
 copy by position alone; with random gaps it takes an induction circuit (match the previous token, read
 the next).
 
