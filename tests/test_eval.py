@@ -162,6 +162,18 @@ def test_report_plots_are_labelled_with_the_run_not_the_temporary_folder(tmp_pat
     assert labels == ["main", "main"]
 
 
+def test_accuracy_plot_adds_answer_nll_panels_only_when_the_results_have_them(tmp_path):
+    from hsa_lightning.eval.report import curves
+
+    cell = {"depth": -1, "n": 4, "tf_correct": 0, "tf_acc": 0.0, "tf_ci": [0.0, 0.5]}
+    rows = [{**cell, "task": t, "length": n, "answer_nll": 3.0} for t in ("s_niah", "vt") for n in (512, 1024)]
+    old = [{k: v for k, v in r.items() if k != "answer_nll"} for r in rows]
+    assert curves({"new": rows, "old": old}, tmp_path / "a.png", perplexity=False) == [
+        "s_niah (teacher-forced %)", "vt (teacher-forced %)", "s_niah (answer NLL per token)", "vt (answer NLL per token)"]
+    assert curves({"old": old}, tmp_path / "b.png", perplexity=False) == ["s_niah (teacher-forced %)", "vt (teacher-forced %)"]
+    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+
+
 def test_answer_nll_table_weights_depths_by_samples_and_skips_results_written_before_it():
     from hsa_lightning.eval.report import markdown
 

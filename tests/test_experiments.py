@@ -24,6 +24,7 @@ VARIANTS = {  # the resolved keys each file may (and must) change, besides its o
     "warmup_self_copy": [STAGES],
     "warmup_self_copy_only": [STAGES],
     "memory_mean_standard": ["model.config.landmark", "model.config.hsa_residual"],
+    "chunk_16": ["model.config.chunk_size", "model.config.top_k"],
 }
 
 

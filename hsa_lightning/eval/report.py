@@ -2,7 +2,7 @@
 
     python -m hsa_lightning.eval.report runs/eval/ultralong runs/eval/dense runs/eval/swa -o runs/eval/compare
 
-draws every task's accuracy (``compare_accuracy.png``) and the perplexity (``compare_perplexity.png``) of
+draws every task's accuracy and answer NLL (``compare_accuracy.png``) and the perplexity (``compare_perplexity.png``) of
 each run (its ``results.json``) against length on shared plots, labelled by folder name, and writes
 ``compare.md``.
 """
@@ -122,30 +122,38 @@ def heatmap(rows: list[dict], task: str, path: Path) -> None:
     plt.close(fig)
 
 
-def curves(runs: dict[str, list[dict]], path: Path, perplexity: bool) -> None:
-    """Against length, one line per run: every task's teacher-forced accuracy, or (``perplexity``) the
-    held-out perplexity and the last-window NLL."""
+def curves(runs: dict[str, list[dict]], path: Path, perplexity: bool) -> list[str]:
+    """Against length, one line per run: every task's teacher-forced accuracy and, below it, the mean NLL
+    per answer token (which still moves while every accuracy is 0), or (``perplexity``) the held-out
+    perplexity and the last-window NLL. Returns the panels' titles."""
     plt = _pyplot()
+    panels: list[tuple[str, dict[str, list]]] = []  # (title, {run: [(length, value)]})
     if perplexity:
-        titles = ["perplexity", "last-window NLL"]
+        for title, key in (("perplexity", "ppl"), ("last-window NLL", "last_nll")):
+            panels.append((title, {name: sorted((r["length"], r[key]) for r in rows if r["task"] == "perplexity")
+                                   for name, rows in runs.items()}))
+        columns = 2
     else:
-        titles = list(dict.fromkeys(t for rows in runs.values() for t, _ in by_task_length(rows)))
-    fig, axes = plt.subplots(1, len(titles), figsize=(4 * len(titles), 3.4), squeeze=False)
-    axes = axes[0]
-    for name, rows in runs.items():
-        if perplexity:
-            pts = sorted((r["length"], r["ppl"], r["last_nll"]) for r in rows if r["task"] == "perplexity")
-            series = [[(n, p) for n, p, _ in pts], [(n, q) for n, _, q in pts]]
-        else:
-            merged = by_task_length(rows)
-            series = [sorted((n, 100 * c / k) for (t, n), (c, k, _) in merged.items() if t == task and k)
-                      for task in titles]
-        for ax, pts in zip(axes, series):
+        merged = {name: by_task_length(rows) for name, rows in runs.items()}
+        nll = {name: answer_nll(rows) for name, rows in runs.items()}
+        tasks = list(dict.fromkeys(t for cells in merged.values() for t, _ in cells))
+        for task in tasks:
+            panels.append((f"{task} (teacher-forced %)", {
+                name: sorted((n, 100 * c / k) for (t, n), (c, k, _) in cells.items() if t == task and k)
+                for name, cells in merged.items()}))
+        if any(nll.values()):
+            for task in tasks:
+                panels.append((f"{task} (answer NLL per token)", {
+                    name: sorted((n, v) for (t, n), v in cells.items() if t == task) for name, cells in nll.items()}))
+        columns = len(tasks)
+    rows_of_panels = len(panels) // columns
+    fig, axes = plt.subplots(rows_of_panels, columns, figsize=(4 * columns, 3.4 * rows_of_panels), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for name, pts in series.items():
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=name)
-    for ax, title in zip(axes, titles):
-        ax.set_title(title if perplexity else f"{title} (teacher-forced %)")
-        if not perplexity:
+        ax.set_title(title)
+        if title.endswith("%)"):
             ax.set_ylim(-2, 102)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
@@ -153,6 +161,7 @@ def curves(runs: dict[str, list[dict]], path: Path, perplexity: bool) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return [title for title, _ in panels]
 
 
 def write_report(folder: Path, rows: list[dict], settings, label: str) -> None:
