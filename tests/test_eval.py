@@ -217,6 +217,10 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
                 if (r["task"], r["length"], r["depth"]) == ("s_niah", cell["length"], cell["depth"])]
         assert abs(cell["answer_nll"] - sum(mine) / len(mine)) < 1e-3, (cell, mine)
     assert "Mean NLL per answer token" in table
+    for r in (r for r in rows if r["task"] != "perplexity"):  # the per-token detail adds up to the sample's
+        assert len(r["answer_token_nll"]) == len(r["answer_token_correct"]) > 0
+        assert abs(sum(r["answer_token_nll"]) / len(r["answer_token_nll"]) - r["answer_nll"]) < 2e-3
+        assert r["teacher_forced"] == all(r["answer_token_correct"])
     # the same seed writes the same files
     _eval(tmp_path, "b")
     for name in ("samples.jsonl", "results.md", "results.json"):

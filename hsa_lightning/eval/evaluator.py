@@ -127,8 +127,12 @@ class LengthEval(Callback):
         logits = self._answer_logits(model, ids, a, e)
         tf = teacher_forced_correct(logits, answer)
         record = {k: batch[k] for k in ("task", "length", "depth", "index", "answers")}
-        nll = F.cross_entropy(logits.float(), answer, reduction="sum")
+        token_nll = F.cross_entropy(logits.float(), answer, reduction="none")
+        nll = token_nll.sum()
+        # per answer token: tells finding the needle (the first tokens) from copying it (the rest)
         record.update(teacher_forced=tf, answer_nll=round(float(nll) / answer.numel(), 4),
+                      answer_token_nll=[round(float(x), 3) for x in token_nll],
+                      answer_token_correct=(logits.argmax(-1) == answer).tolist(),
                       needle_starts=batch["needle_starts"])
         sums = {"tf": float(tf), "nll": float(nll), "tokens": answer.numel()}
         if self.generate:
