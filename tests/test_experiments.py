@@ -77,6 +77,7 @@ def test_eval_config_stacks_on_any_run_and_names_its_output():
     assert callback["class_path"].endswith("LengthEval") and callback["init_args"]["output_dir"] == "runs/eval/dense"
     assert "Dense" in str(cfg["model"]["layout"])
     assert max(cfg["data"]["init_args"]["lengths"]) >= 1 << 20
+    assert cfg["model"]["parallel"]["compile"] is False  # compiling every length cost more than it saved
 
 
 def test_cpu_self_copy_probe_copies_for_the_whole_tiny_run():
