@@ -7,7 +7,8 @@ Prints a markdown table and writes JSON. Shapes: batch 1, 16 query heads, chunk 
 forward+backward, the fused retrieval (scores + mask + top-k + softmax weights) forward+backward and
 the reference retrieval it replaces,
 the HSA layer's attention (SWA 512 via FlexAttention + HSA) forward+backward, and cuDNN full causal
-attention forward+backward. Useful FLOPs: forward 4*L*Hq*k*64*D, forward+backward 3.5x that. ``--kernels tokens,chunks`` times the token-centric and the chunk-centric HSA
+attention forward+backward (``--cuda_graphs``: these three as CUDA-graph replays, without the host's
+launch work, which bounds short sequences). Useful FLOPs: forward 4*L*Hq*k*64*D, forward+backward 3.5x that. ``--kernels tokens,chunks`` times the token-centric and the chunk-centric HSA
 kernels side by side (by default ``hsa_attention`` picks by group size).
 
 Selection patterns: ``smooth`` (each 64-token query chunk draws k visible chunks, each token swaps about
@@ -73,12 +74,28 @@ def shared_fraction(idx: torch.Tensor, sample: int = 4096) -> float:
     return (a[:, :, None] == b[:, None, :]).any(-1).float().mean().item()
 
 
-def bench(fn, rep: int = 40) -> float | str:
-    """Median-ish milliseconds from triton's do_bench (``rep`` ms of repetitions), or "OOM"."""
+def replayed(fn):
+    """``fn`` captured in a CUDA graph after warm-up (autotuning, compilation), as a function that replays it:
+    the GPU time without the host's launch work, what ``torch.compile(mode="reduce-overhead")`` gives."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench(fn, rep: int = 40, graphs: bool = False) -> float | str:
+    """Median-ish milliseconds from triton's do_bench (``rep`` ms of repetitions) of ``fn`` or, with
+    ``graphs``, of its CUDA-graph replay; or "OOM"."""
     from triton.testing import do_bench
 
     try:
-        return do_bench(fn, warmup=10, rep=rep)
+        return do_bench(replayed(fn) if graphs else fn, warmup=10, rep=rep)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return "OOM"
@@ -115,7 +132,7 @@ def run_case(L, k, D, G, pattern, args, device, kernels="auto"):
         o = hsa_attention(q, kk, v, w, idx, S)
         torch.autograd.grad(o, (q, kk, v, w), do)
 
-    row["hsa_fwd_bwd_ms"] = bench(fwd_bwd)
+    row["hsa_fwd_bwd_ms"] = bench(fwd_bwd, graphs=args.cuda_graphs)
     flops = 4 * L * HQ * k * S * D
     if isinstance(row["hsa_fwd_bwd_ms"], float):
         row["hsa_fwd_tflops"] = flops / row["hsa_fwd_ms"] / 1e9
@@ -147,7 +164,7 @@ def run_case(L, k, D, G, pattern, args, device, kernels="auto"):
             o2 = hsa_attention(q, kk, v, w, idx, S)
             torch.autograd.grad((o1, o2), (qs, ks, vs, q, kk, v), (do, do))
 
-        row["hsa_layer_fwd_bwd_ms"] = bench(layer)
+        row["hsa_layer_fwd_bwd_ms"] = bench(layer, graphs=args.cuda_graphs)
         qd, kd, vd = (torch.randn(1, HQ, L, D, device=device, dtype=dt, requires_grad=True) for _ in range(3))
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -156,7 +173,7 @@ def run_case(L, k, D, G, pattern, args, device, kernels="auto"):
                 o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
             torch.autograd.grad(o, (qd, kd, vd), torch.ones_like(o))
 
-        row["cudnn_causal_fwd_bwd_ms"] = bench(dense)
+        row["cudnn_causal_fwd_bwd_ms"] = bench(dense, graphs=args.cuda_graphs)
     return row
 
 
@@ -172,6 +189,8 @@ def main() -> None:
     p.add_argument("--skip_retrieval", action="store_true")
     p.add_argument("--kernels", default="auto",
                    help="HSA kernels to time: auto (hsa_attention's choice), or a list of tokens / chunks")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="time the forward+backward columns (HSA, HSA layer, cuDNN) as CUDA-graph replays")
     p.add_argument("--out", default="docs/kernels.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -184,7 +203,7 @@ def main() -> None:
 
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "date": str(date.today()), "batch": 1, "query_heads": HQ,
-            "chunk": S, "dtype": "bfloat16", "command": " ".join(sys.argv)}
+            "chunk": S, "dtype": "bfloat16", "cuda_graphs": args.cuda_graphs, "command": " ".join(sys.argv)}
     rows = []
     cols = ["L", "top_k", "head_dim", "G", "pattern", "kernels", "shared", "union_per_k", "hsa_fwd_ms", "hsa_fwd_bwd_ms", "hsa_fwd_bwd_tflops",
             "retrieval_fwd_bwd_ms", "retrieval_ref_fwd_bwd_ms", "hsa_layer_fwd_bwd_ms", "cudnn_causal_fwd_bwd_ms"]

@@ -81,6 +81,40 @@ def test_triton_bf16_matches_fp32_reference_and_is_deterministic(L, G, D, K):
     assert all(torch.equal(a, b) for a, b in zip(grads, again))  # no atomics: bit-identical
 
 
+@pytest.mark.parametrize("G", [16, 1])  # the token-centric and the chunk-centric kernels
+def test_hsa_forward_backward_captures_in_a_cuda_graph_so_it_never_waits_on_the_host(G):
+    """A host sync (or a shape read back from the GPU) anywhere in the forward, the index building or the
+    backward makes CUDA-graph capture fail; replays must give the eager gradients, for new inputs too."""
+    from benchmarks.kernels import finish_selection, smooth_selection
+    from hsa_lightning.kernels.hsa.parallel import hsa_attention
+
+    torch.manual_seed(0)
+    L, S, H, D, K = 8192, 64, 16, 64, 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    idx, w = finish_selection(smooth_selection(L, K, H // G, gen, "cuda"), gen)
+    q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, L, H // G, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    w.requires_grad_()
+    do = torch.randn_like(q)
+    step = lambda: torch.autograd.grad(hsa_attention(q, k, v, w, idx, S), (q, k, v, w), do)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # autotuning happens here, outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(captured, step()))
+        with torch.no_grad():
+            q.copy_(torch.randn_like(q))  # the replay reads the inputs' new values
+            do.copy_(torch.randn_like(do))
+
+
 def test_triton_forward_at_128k_matches_reference():
     from hsa_lightning.kernels.hsa.parallel import hsa_attention
 
