@@ -8,8 +8,9 @@ forward+backward, the fused retrieval (scores + mask + top-k + softmax weights) 
 the reference retrieval it replaces,
 the HSA layer's attention (SWA 512 via FlexAttention + HSA) forward+backward, and cuDNN full causal
 attention forward+backward (``--cuda_graphs``: these three as CUDA-graph replays, without the host's
-launch work, which bounds short sequences). Useful FLOPs: forward 4*L*Hq*k*64*D, forward+backward 3.5x that. ``--kernels tokens,chunks`` times the token-centric and the chunk-centric HSA
-kernels side by side (by default ``hsa_attention`` picks by group size).
+launch work, which bounds short sequences). Useful FLOPs: forward 4*L*Hq*k*64*D, forward+backward 3.5x
+that. ``--kernels tokens,chunks`` times the token-centric and the chunk-centric HSA kernels side by side
+(by default ``hsa_attention`` picks by group size).
 
 Selection patterns: ``smooth`` (each 64-token query chunk draws k visible chunks, each token swaps about
 10% of them for random visible ones; the printed share is the fraction of a token's chunks its

@@ -169,7 +169,8 @@ def test_accuracy_plot_adds_answer_nll_panels_only_when_the_results_have_them(tm
     rows = [{**cell, "task": t, "length": n, "answer_nll": 3.0} for t in ("s_niah", "vt") for n in (512, 1024)]
     old = [{k: v for k, v in r.items() if k != "answer_nll"} for r in rows]
     assert curves({"new": rows, "old": old}, tmp_path / "a.png", perplexity=False) == [
-        "s_niah (teacher-forced %)", "vt (teacher-forced %)", "s_niah (answer NLL per token)", "vt (answer NLL per token)"]
+        "s_niah (teacher-forced %)", "vt (teacher-forced %)",
+        "s_niah (answer NLL per token)", "vt (answer NLL per token)"]
     assert curves({"old": old}, tmp_path / "b.png", perplexity=False) == ["s_niah (teacher-forced %)", "vt (teacher-forced %)"]
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
 

@@ -2,9 +2,9 @@
 
     python -m hsa_lightning.eval.report runs/eval/ultralong runs/eval/dense runs/eval/swa -o runs/eval/compare
 
-draws every task's accuracy and answer NLL (``compare_accuracy.png``) and the perplexity (``compare_perplexity.png``) of
-each run (its ``results.json``) against length on shared plots, labelled by folder name, and writes
-``compare.md``.
+draws every task's accuracy and answer NLL (``compare_accuracy.png``) and the perplexity
+(``compare_perplexity.png``) of each run (its ``results.json``) against length on shared plots, labelled
+by folder name, and writes ``compare.md``.
 """
 from __future__ import annotations
 
