@@ -114,6 +114,8 @@ def test_eval_data_errors_name_the_field():
         LengthEvalData(ppl_lengths=[1024])
     with pytest.raises(ConfigError, match=r"data depths=\[0, 120\]: depths are percentages within \[0, 100\]"):
         LengthEvalData(depths=[0, 120])
+    with pytest.raises(ConfigError, match=r"^data depth_samples=0 must be >= 1$"):
+        LengthEvalData(depth_samples=0)
     data = LengthEvalData(tasks=["niah_single_2"], depth_tasks=[], lengths=[256])
     with pytest.raises(ConfigError, match=r"data lengths: task 'niah_single_2' takes \d+ tokens before any haystack"):
         data.setup("test")
@@ -129,6 +131,18 @@ def test_samples_are_a_pure_function_of_the_seed():
             x, y = a.sample(cell, i), b.sample(cell, i)
             assert np.array_equal(x["input_ids"].numpy(), y["input_ids"].numpy()) and x["answers"] == y["answers"]
     assert not np.array_equal(a.sample(a.cells[0], 0)["input_ids"], a.sample(a.cells[0], 1)["input_ids"])
+
+
+def test_depth_grid_takes_its_own_sample_count_and_keeps_the_first_samples():
+    data = LengthEvalData(tasks=["s_niah", "vt"], lengths=[600], depths=[0, 50], samples=5, depth_samples=2)
+    fewer = LengthEvalData(tasks=["s_niah", "vt"], lengths=[600], depths=[0, 50], samples=2)
+    data.setup("test"), fewer.setup("test")
+    assert {c.label: data.samples_in(c) for c in data.cells} == {
+        "s_niah L=600 depth=0%": 2, "s_niah L=600 depth=50%": 2, "vt L=600": 5}
+    assert sum(1 for _ in data.test_dataloader()) == 2 + 2 + 5
+    vt = data.cells[-1]
+    for i in range(2):  # sample i of a cell does not depend on how many the cell has
+        assert np.array_equal(data.sample(vt, i)["input_ids"], fewer.sample(vt, i)["input_ids"])
 
 
 def test_perplexity_windows_of_every_length_end_on_the_same_tokens_whatever_the_length_list():

@@ -78,6 +78,8 @@ def test_eval_config_stacks_on_any_run_and_names_its_output():
     assert "Dense" in str(cfg["model"]["layout"])
     assert max(cfg["data"]["init_args"]["lengths"]) >= 1 << 20
     assert cfg["model"]["parallel"]["compile"] is False  # compiling every length cost more than it saved
+    data = cfg["data"]["init_args"]
+    assert data["samples"] >= 16 and data["depth_samples"] * 10 >= 40  # Table 2's MQ-NIAH; S-NIAH's 10 depths
 
 
 def test_cpu_self_copy_probe_copies_for_the_whole_tiny_run():

@@ -73,6 +73,7 @@ class LengthEvalData(L.LightningDataModule):
         depth_tasks: Sequence[str] = ("s_niah",),
         depths: Sequence[int] = PAPER_DEPTHS,
         samples: int = 20,
+        depth_samples: Optional[int] = None,
         ppl_corpus: Optional[str] = None,
         ppl_lengths: Sequence[int] = (),
         ppl_samples: int = 4,
@@ -91,6 +92,8 @@ class LengthEvalData(L.LightningDataModule):
             depth_tasks: tasks evaluated on the ``depths`` grid (single-needle tasks only).
             depths: needle depths in percent.
             samples: samples per cell.
+            depth_samples: samples per cell of the depth grid (default ``samples``); a depth task has one
+                cell per depth, so fewer per cell give it as many samples per length as the other tasks.
             ppl_corpus: held-out text (a shard folder, or files / folders / globs) for perplexity and
                 last-4K loss.
             ppl_lengths: lengths of those perplexity windows. Window i of every length ends
@@ -111,8 +114,8 @@ class LengthEvalData(L.LightningDataModule):
                 raise ConfigError(f"data {name}={list(values)}: every length must be >= 1")
         if any(not 0 <= d <= 100 for d in depths):
             raise ConfigError(f"data depths={list(depths)}: depths are percentages within [0, 100]")
-        for name, value in (("samples", samples), ("ppl_samples", ppl_samples)):
-            if value < 1:
+        for name, value in (("samples", samples), ("depth_samples", depth_samples), ("ppl_samples", ppl_samples)):
+            if value is not None and value < 1:
                 raise ConfigError(f"data {name}={value} must be >= 1")
         if ppl_lengths and ppl_corpus is None:
             raise ConfigError(f"data ppl_lengths={list(ppl_lengths)} needs a ppl_corpus")
@@ -175,7 +178,11 @@ class LengthEvalData(L.LightningDataModule):
         return np.asarray(ids, dtype=np.int64)
 
     def samples_in(self, cell: Cell) -> int:
-        return self.hparams.ppl_samples if cell.task == "perplexity" else self.samples
+        if cell.task == "perplexity":
+            return self.hparams.ppl_samples
+        if cell.depth >= 0 and self.hparams.depth_samples is not None:
+            return self.hparams.depth_samples
+        return self.samples
 
     def sample(self, cell: Cell, i: int) -> dict:
         meta = {"task": cell.task, "length": cell.length, "depth": cell.depth, "index": i}
