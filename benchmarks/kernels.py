@@ -75,9 +75,10 @@ def shared_fraction(idx: torch.Tensor, sample: int = 4096) -> float:
     return (a[:, :, None] == b[:, None, :]).any(-1).float().mean().item()
 
 
-def replayed(fn):
-    """``fn`` captured in a CUDA graph after warm-up (autotuning, compilation), as a function that replays it:
-    the GPU time without the host's launch work, what ``torch.compile(mode="reduce-overhead")`` gives."""
+def captured(fn):
+    """``fn`` captured in a CUDA graph after warm-up (autotuning, compilation): (a function that replays it,
+    the captured call's outputs, which each replay rewrites). A replay is the GPU time without the host's
+    launch work, what ``torch.compile(mode="reduce-overhead")`` gives."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -86,8 +87,8 @@ def replayed(fn):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        out = fn()
+    return graph.replay, out
 
 
 def bench(fn, rep: int = 40, graphs: bool = False) -> float | str:
@@ -96,7 +97,7 @@ def bench(fn, rep: int = 40, graphs: bool = False) -> float | str:
     from triton.testing import do_bench
 
     try:
-        return do_bench(replayed(fn) if graphs else fn, warmup=10, rep=rep)
+        return do_bench(captured(fn)[0] if graphs else fn, warmup=10, rep=rep)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return "OOM"

@@ -85,7 +85,7 @@ def test_triton_bf16_matches_fp32_reference_and_is_deterministic(L, G, D, K):
 def test_hsa_forward_backward_captures_in_a_cuda_graph_so_it_never_waits_on_the_host(G):
     """A host sync (or a shape read back from the GPU) anywhere in the forward, the index building or the
     backward makes CUDA-graph capture fail; replays must give the eager gradients, for new inputs too."""
-    from benchmarks.kernels import finish_selection, smooth_selection
+    from benchmarks.kernels import captured, finish_selection, smooth_selection
     from hsa_lightning.kernels.hsa.parallel import hsa_attention
 
     torch.manual_seed(0)
@@ -97,19 +97,11 @@ def test_hsa_forward_backward_captures_in_a_cuda_graph_so_it_never_waits_on_the_
     w.requires_grad_()
     do = torch.randn_like(q)
     step = lambda: torch.autograd.grad(hsa_attention(q, k, v, w, idx, S), (q, k, v, w), do)  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # autotuning happens here, outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    replay, grads = captured(step)  # autotuning happens in its warm-up, outside the capture
     for _ in range(2):
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
-        assert all(torch.equal(a, b) for a, b in zip(captured, step()))
+        assert all(torch.equal(a, b) for a, b in zip(grads, step()))
         with torch.no_grad():
             q.copy_(torch.randn_like(q))  # the replay reads the inputs' new values
             do.copy_(torch.randn_like(do))

@@ -31,7 +31,7 @@ from hsa_lightning.data.atomic import atomic_folder, refuse_overwrite
 from hsa_lightning.errors import ConfigError
 from hsa_lightning.eval.datamodule import Cell, LengthEvalData
 from hsa_lightning.eval.report import summarise, write_report
-from hsa_lightning.eval.scoring import string_match_all, teacher_forced_correct
+from hsa_lightning.eval.scoring import answer_token_correct, string_match_all
 from hsa_lightning.inference import InferenceEngine
 
 SUMS = ("n", "tf", "gen", "gen_sq", "nll", "tokens", "last_nll", "last_tokens")
@@ -125,14 +125,15 @@ class LengthEval(Callback):
         ids, a, e = batch["input_ids"], batch["answer_start"], batch["answer_end"]
         answer = ids[0, a:e]
         logits = self._answer_logits(model, ids, a, e)
-        tf = teacher_forced_correct(logits, answer)
+        correct = answer_token_correct(logits, answer)
+        tf = bool(correct.all())  # the paper's teacher-forced exact match
         record = {k: batch[k] for k in ("task", "length", "depth", "index", "answers")}
         token_nll = F.cross_entropy(logits.float(), answer, reduction="none")
         nll = token_nll.sum()
         # per answer token: tells finding the needle (the first tokens) from copying it (the rest)
         record.update(teacher_forced=tf, answer_nll=round(float(nll) / answer.numel(), 4),
                       answer_token_nll=[round(float(x), 3) for x in token_nll],
-                      answer_token_correct=(logits.argmax(-1) == answer).tolist(),
+                      answer_token_correct=correct.tolist(),
                       needle_starts=batch["needle_starts"])
         sums = {"tf": float(tf), "nll": float(nll), "tokens": answer.numel()}
         if self.generate:

@@ -17,9 +17,14 @@ import torch
 Z95 = 1.959963984540054
 
 
+def answer_token_correct(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: whether the argmax of ``logits`` (n, V) at each position is that ``answer`` (n,) token id."""
+    return logits.argmax(-1) == answer
+
+
 def teacher_forced_correct(logits: torch.Tensor, answer: torch.Tensor) -> bool:
     """``logits`` (n, V) at the positions that predict ``answer`` (n,) token ids."""
-    return bool((logits.argmax(-1) == answer).all())
+    return bool(answer_token_correct(logits, answer).all())
 
 
 def ruler_postprocess(prediction: str) -> str:
