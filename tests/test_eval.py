@@ -176,6 +176,40 @@ def test_report_plots_are_labelled_with_the_run_not_the_temporary_folder(tmp_pat
     assert labels == ["main", "main"]
 
 
+def test_merge_joins_one_checkpoints_evaluation_split_over_several_commands(tmp_path, capsys):
+    import json
+
+    from hsa_lightning.eval.report import main, write_report
+
+    def part(name, lengths, ppl_nll):
+        rows = [{"task": "s_niah", "length": n, "depth": d, "n": 1, "tf_correct": int(d == 0), "tf_acc": float(d == 0),
+                 "tf_ci": [0.0, 1.0], "answer_nll": 1.0} for n in lengths for d in (0, 100)]
+        rows.append({"task": "perplexity", "length": 512, "depth": -1, "n": 1, "nll": ppl_nll, "last_nll": ppl_nll,
+                     "ppl": 7.0, "last_ppl": 7.0})
+        (tmp_path / name).mkdir()
+        write_report(tmp_path / name, rows, {"lengths": lengths}, label=name)
+        samples = [{"task": r["task"], "length": r["length"], "depth": r["depth"], "index": 0} for r in rows]
+        (tmp_path / name / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+
+    part("short", [512, 1024], ppl_nll=2.0)
+    part("long", [4096], ppl_nll=2.5)  # its perplexity cell repeats the first part's
+    out = tmp_path / "all"
+    assert main([str(tmp_path / "short"), str(tmp_path / "long"), "-o", str(out), "--merge"]) == 0
+    assert capsys.readouterr().out.startswith("perplexity at length 512 is in more than one part: taken from the first")
+    cells = json.loads((out / "results.json").read_text())["cells"]
+    assert [(c["task"], c["length"], c["depth"]) for c in cells] == [
+        ("s_niah", 512, 0), ("s_niah", 512, 100), ("s_niah", 1024, 0), ("s_niah", 1024, 100), ("s_niah", 4096, 0),
+        ("s_niah", 4096, 100), ("perplexity", 512, -1)]
+    assert cells[-1]["nll"] == 2.0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["task"], r["length"], r["depth"]) for r in samples] == [(c["task"], c["length"], c["depth"]) for c in cells]
+    assert "| s_niah | 50.0 [" in (out / "results.md").read_text() and "4,096 |" in (out / "results.md").read_text()
+    assert {"heatmap_s_niah.png", "accuracy.png", "perplexity.png"} <= {f.name for f in out.iterdir()}
+    # an existing folder is never replaced
+    assert main([str(tmp_path / "short"), "-o", str(out), "--merge"]) == 2
+    assert capsys.readouterr().err == f"error: output {str(out)!r} already exists; merge into a new folder\n"
+
+
 def test_accuracy_plot_adds_answer_nll_panels_only_when_the_results_have_them(tmp_path):
     from hsa_lightning.eval.report import curves
 

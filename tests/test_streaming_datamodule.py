@@ -266,3 +266,42 @@ def test_stale_shared_memory_is_removed_only_for_our_folders_and_dead_owners(tmp
         for prefix in (free, free + 1, free + 2):
             for name in (LOCALS, BARRIER):
                 (Path("/dev/shm") / _get_path(prefix, name)).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("races", [1, 5])
+def test_a_job_starting_at_the_same_time_on_the_host_costs_a_retry_not_the_run(tmp_path, monkeypatch, races):
+    # mosaicml/streaming#901: a job looks for a free shared-memory prefix, another job creates it, and the
+    # first job's create fails. Replayed: "another job" holds prefix P, and our first `races` lookups find P.
+    import streaming.base.shared.prefix as prefix_mod
+    from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+    from streaming.base.shared import SharedMemory
+
+    from hsa_lightning.lit import streaming_datamodule as sdm
+
+    taken = next(p for p in range(1000) if not (Path("/dev/shm") / prefix_mod._get_path(p, LOCALS)).exists())
+    data = prefix_mod._pack_locals([str(tmp_path / "other_job")], taken)
+    other = SharedMemory(prefix_mod._get_path(taken, LOCALS), True, len(data), auto_cleanup=False)
+    other.buf[: len(data)] = data
+    real, lookups = prefix_mod._check_and_find_retrying, []
+
+    def stale_lookup(*args, **kwargs):
+        lookups.append(1)
+        return taken if len(lookups) <= races * len(SHM_TO_CLEAN) else real(*args, **kwargs)
+
+    monkeypatch.setattr(prefix_mod, "_check_and_find_retrying", stale_lookup)
+    monkeypatch.setattr(sdm.time, "sleep", lambda s: None)
+    streams = [sdm.StreamSpec(local=str(corpus(tmp_path, "c", prose(4), block_len=64)))]
+    try:
+        if races < sdm.SHM_PREFIX_ATTEMPTS:
+            dataset = sdm._make_dataset(streams, batch_size=1, shuffle=False, seed=0)
+            assert dataset._shm_prefix_int != taken and len(dataset) > 0
+        else:
+            with pytest.raises(RuntimeError) as info:
+                sdm._make_dataset(streams, batch_size=1, shuffle=False, seed=0)
+            assert str(info.value) == (
+                f"streaming's shared memory '/{prefix_mod._get_path(taken, LOCALS)}' was created by another job "
+                "starting at the same time on this host (mosaicml/streaming#901); start jobs on one host a few "
+                "seconds apart")
+    finally:
+        other.shm.close()
+        other.shm.unlink()

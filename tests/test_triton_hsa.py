@@ -93,7 +93,20 @@ def test_chunk_centric_kernels_serve_small_groups_over_full_chunk_lists():
     assert not parallel.uses_chunk_kernels(q, 4096, 8, 32)  # the token tile holds few tokens already
     assert not parallel.uses_chunk_kernels(q[:, :1], 1 << 20, 1, 32)  # decode: most chunks' lists are empty
     long = torch.empty(1, 1 << 17, 16, 128, device="meta", dtype=torch.bfloat16)
-    assert not parallel.uses_chunk_kernels(long, 1 << 17, 1, 32)  # 16 GiB of partial outputs
+    assert parallel.uses_chunk_kernels(long, 1 << 17, 1, 32)  # 16 GiB of partial outputs: in slices
+    assert parallel.chunk_kernel_slice(long, 32) == 1 << 16 and parallel.chunk_kernel_slice(q, 32) == 4096
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_chunk_centric_kernels_run_long_sequences_in_query_slices(B, monkeypatch):
+    # a partial-output budget of 4 tokens' worth: T = 45 runs as 12 slices of 4 tokens (the last one 1);
+    # each slice's dK/dV is added by autograd, the result still the reference's
+    monkeypatch.setattr(parallel, "CHUNK_PARTIALS_MAX_BYTES", 4 * B * 3 * 2 * 16 * 4)
+    calls = []
+    op = parallel._hsa_attention_op
+    monkeypatch.setattr(parallel, "_hsa_attention_op", lambda q, *a: calls.append(q.shape[1]) or op(q, *a))
+    check(B=B, T=45, H=2, Hkv=2, D=16, S=16, K=3, kind="retrieval", by_chunk=True)
+    assert calls == [4] * 11 + [1]
 
 
 def test_gradients_are_bitwise_reproducible():

@@ -4,7 +4,10 @@
 
 draws every task's accuracy and answer NLL (``compare_accuracy.png``) and the perplexity
 (``compare_perplexity.png``) of each run (its ``results.json``) against length on shared plots, labelled
-by folder name, and writes ``compare.md``.
+by folder name, and writes ``compare.md``. With ``--merge`` the folders are parts of one checkpoint's
+evaluation (say 1K-64K, then 256K, then 1M, each its own ``test`` command) and become one report:
+
+    python -m hsa_lightning.eval.report --merge runs/eval/main runs/eval/main_256k runs/eval/main_1m -o runs/eval/main_all
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import math
 import sys
 from pathlib import Path
 
+from hsa_lightning.data.atomic import atomic_folder
 from hsa_lightning.eval.scoring import mean_interval, wilson_interval
 
 
@@ -179,6 +183,38 @@ def write_report(folder: Path, rows: list[dict], settings, label: str) -> None:
         curves({label: rows}, folder / "perplexity.png", perplexity=True)
 
 
+def merge(parts: list[Path], output: Path) -> list[tuple]:
+    """One report (``write_report``'s files and ``samples.jsonl``) from several LengthEval folders of the same
+    checkpoint. A cell scored in more than one part (the held-out perplexity that every command computes)
+    is taken from the first part that has it; returns those cells' keys."""
+    owner: dict[tuple, Path] = {}
+    rows, settings, samples, repeated = [], [], [], []
+    for part in parts:
+        results = json.loads((part / "results.json").read_text())
+        settings.append({"folder": str(part), **results["settings"]})
+        for row in results["cells"]:
+            key = (row["task"], row["length"], row["depth"])
+            if key in owner:
+                repeated.append(key)
+                continue
+            owner[key] = part
+            rows.append(row)
+        if (part / "samples.jsonl").is_file():
+            for line in (part / "samples.jsonl").read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                if owner.get((record["task"], record["length"], record["depth"])) == part:
+                    samples.append(record)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))  # in the order the parts list them
+    rows.sort(key=lambda r: (tasks.index(r["task"]), r["length"], r["depth"]))
+    samples.sort(key=lambda r: (tasks.index(r["task"]), r["length"], r["depth"], r["index"]))
+    with atomic_folder(output) as folder:
+        folder.mkdir(parents=True)
+        with open(folder / "samples.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in samples)
+        write_report(folder, rows, {"merged": settings}, label=output.name)
+    return repeated
+
+
 def _short(n: int) -> str:
     for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
         if n >= size and n % size == 0:
@@ -190,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hsa_lightning.eval.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="output folders of LengthEval runs")
     p.add_argument("-o", "--output", required=True, help="folder for compare.png and compare.md")
+    p.add_argument("--merge", action="store_true",
+                   help="the folders are parts of one checkpoint's evaluation: write one report to OUTPUT")
     args = p.parse_args(argv)
     runs = {}
     for run in args.runs:
@@ -199,6 +237,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         runs[Path(run).name] = json.loads(path.read_text())["cells"]
     out = Path(args.output)
+    if args.merge:
+        if out.exists():
+            print(f"error: output {str(out)!r} already exists; merge into a new folder", file=sys.stderr)
+            return 2
+        for task, length, depth in merge([Path(r) for r in args.runs], out):
+            print(f"{task} at length {length}" + (f", depth {depth}%" if depth >= 0 else "")
+                  + " is in more than one part: taken from the first")
+        print(f"wrote the merged report of {len(args.runs)} parts to {out}/")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     curves(runs, out / "compare_accuracy.png", perplexity=False)
     if any(r["task"] == "perplexity" for rows in runs.values() for r in rows):

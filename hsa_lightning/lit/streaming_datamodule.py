@@ -16,6 +16,8 @@ with exactly the next batch, on one process or many.
 from __future__ import annotations
 
 import os
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -318,14 +320,29 @@ def _collate(samples: list[dict]) -> dict[str, torch.Tensor]:
     return {"tokens": tokens, "sample_ids": torch.tensor([s["sample_id"] for s in samples], dtype=torch.int64)}
 
 
+SHM_PREFIX_ATTEMPTS = 5  # tries at claiming streaming's shared memory (see _make_dataset)
+
+
 def _make_dataset(streams: list[StreamSpec], batch_size: int, shuffle: bool, seed: int):
     from streaming import Stream
 
     from hsa_lightning.data.streaming_dataset import IndexedStreamingDataset
 
-    mixed = [Stream(local=s.local, remote=s.remote, proportion=s.proportion) for s in streams]
-    return IndexedStreamingDataset(streams=mixed, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
-                                   shuffle_algo="py1e")
+    for attempt in range(SHM_PREFIX_ATTEMPTS):
+        mixed = [Stream(local=s.local, remote=s.remote, proportion=s.proportion) for s in streams]  # init edits them
+        try:
+            return IndexedStreamingDataset(streams=mixed, batch_size=batch_size, shuffle=shuffle, shuffle_seed=seed,
+                                           shuffle_algo="py1e")
+        except FileExistsError as e:
+            # streaming looks for a free shared-memory prefix, then creates it: two jobs starting together
+            # on one host can both pick the same one (mosaicml/streaming#901). A single process can simply
+            # look again; ranks of one job would leave each other at different barriers, so they stop.
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            if distributed or attempt == SHM_PREFIX_ATTEMPTS - 1:
+                raise RuntimeError(
+                    f"streaming's shared memory {e.filename!r} was created by another job starting at the same "
+                    "time on this host (mosaicml/streaming#901); start jobs on one host a few seconds apart") from e
+            time.sleep(random.uniform(0.2, 2.0))
 
 
 def _remove_stale_shared_memory(local_dirs: list[str]) -> None:

@@ -28,7 +28,7 @@ import triton.language as tl
 ROWS_PER_TILE = 64  # target rows (tokens x heads) sharing one K/V tile
 MIN_ENTRIES_PER_ITEM = 256  # smallest dK/dV work item; larger when there is enough work to fill the GPU
 BY_CHUNK_MAX_GROUP = 4  # padded group sizes up to this take the chunk-centric kernels of by_chunk.py
-CHUNK_PARTIALS_MAX_BYTES = 8 << 30  # their per-slot outputs (and dQ shares) beyond this: token-centric kernels
+CHUNK_PARTIALS_MAX_BYTES = 8 << 30  # their per-slot outputs (and dQ shares) beyond this: query slices
 
 
 def _tuned(*key: str):
@@ -486,14 +486,21 @@ def _backward(ctx, do, _da, _db):
 _hsa_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def chunk_kernel_slice(q: torch.Tensor, top_k: int) -> int:
+    """Query tokens per call of the chunk-centric kernels: their per-slot partial outputs (and dQ shares,
+    B*T*k*H*D) stay within CHUNK_PARTIALS_MAX_BYTES, so long sequences run as a few equal query slices."""
+    B, T, H, D = q.shape
+    slices = max(1, math.ceil(B * T * top_k * H * D * q.element_size() / CHUNK_PARTIALS_MAX_BYTES))
+    return math.ceil(T / slices)
+
+
 def uses_chunk_kernels(q: torch.Tensor, memory_len: int, group: int, top_k: int) -> bool:
     """Whether ``hsa_attention`` takes the chunk-centric kernels for queries ``q`` (B, T, H, D): for small
     groups G, where a token tile's union of chunks wastes most of each K/V tile (docs/benchmarks.md), when
-    the queries' picks fill the chunks' lists (training, prefill; not decode over a long memory, where most
-    chunks have none) and their per-slot partial outputs (B*T*k*H*D) fit the memory budget for them."""
-    B, T, H, D = q.shape
-    partials = B * T * top_k * H * D * q.element_size()
-    return _pow2(group) <= BY_CHUNK_MAX_GROUP and T * top_k >= memory_len and partials <= CHUNK_PARTIALS_MAX_BYTES
+    each query slice's picks fill the chunks' lists (training, prefill; not decode over a long memory,
+    where most chunks have none)."""
+    T = min(q.shape[1], chunk_kernel_slice(q, top_k))
+    return _pow2(group) <= BY_CHUNK_MAX_GROUP and T * top_k >= memory_len
 
 
 def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
@@ -506,7 +513,14 @@ def hsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: to
     q, k, v = common_dtype(q, k, v)
     if by_chunk is None:
         by_chunk = uses_chunk_kernels(q, k.shape[1], q.shape[2] // k.shape[2], indices.shape[-1])
-    return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale, by_chunk)[0]
+    T = q.shape[1]
+    step = chunk_kernel_slice(q, indices.shape[-1]) if by_chunk else T
+    if step >= T:
+        return _hsa_attention_op(q, k, v, weights, indices, chunk_size, scale, by_chunk)[0]
+    # Every token's output depends only on its own picks, so query slices are exact; autograd adds the
+    # slices' dK/dV in a fixed order (still deterministic).
+    return torch.cat([_hsa_attention_op(q[:, s:s + step], k, v, weights[:, s:s + step], indices[:, s:s + step],
+                                        chunk_size, scale, by_chunk)[0] for s in range(0, T, step)], dim=1)
 
 
 def inner_contiguous(x: torch.Tensor) -> torch.Tensor:
