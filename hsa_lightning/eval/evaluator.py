@@ -148,7 +148,9 @@ class LengthEval(Callback):
     def _score_ppl(self, model, batch: dict) -> dict:
         ids = batch["input_ids"]
         if ids.shape[1] <= self.engine_threshold:
-            h = model.hidden_states(ids)[0, :-1]
+            # the last token predicts nothing; without it the shape is the retrieval cells' (L - 1), so the
+            # sliding-window attention compiled for them is reused instead of compiled again
+            h = model.hidden_states(ids[:, :-1])[0]
             nll = torch.cat([F.cross_entropy(model.head(h[s:s + 4096]).float(), ids[0, s + 1:s + 4097],
                                              reduction="none") for s in range(0, h.shape[0], 4096)])
         else:
