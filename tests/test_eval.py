@@ -229,6 +229,9 @@ def test_answer_nll_table_weights_depths_by_samples_and_skips_results_written_be
     cell = {"task": "s_niah", "length": 512, "tf_correct": 0, "tf_acc": 0.0, "tf_ci": [0.0, 0.5]}
     rows = [{**cell, "depth": 0, "n": 1, "answer_nll": 9.0}, {**cell, "depth": 100, "n": 3, "answer_nll": 1.0}]
     assert "| s_niah | 3.00 |" in markdown(rows, False)  # (9 * 1 + 1 * 3) / 4
+    assert "First answer token" not in markdown(rows, False)  # results written before that column
+    rows = [{**rows[0], "first_acc": 1.0}, {**rows[1], "first_acc": 1 / 3}]
+    assert "| s_niah | 50.0 |" in markdown(rows, False).split("First answer token right")[1]  # (1 + 1) / 4
     old = [{k: v for k, v in r.items() if k != "answer_nll"} for r in rows]
     assert "Mean NLL" not in markdown(old, False) and "| s_niah | 0.0 [" in markdown(old, False)
 
@@ -265,7 +268,10 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
         mine = [r["answer_nll"] for r in rows
                 if (r["task"], r["length"], r["depth"]) == ("s_niah", cell["length"], cell["depth"])]
         assert abs(cell["answer_nll"] - sum(mine) / len(mine)) < 1e-3, (cell, mine)
-    assert "Mean NLL per answer token" in table
+        first = [r["answer_token_correct"][0] for r in rows
+                 if (r["task"], r["length"], r["depth"]) == ("s_niah", cell["length"], cell["depth"])]
+        assert cell["first_acc"] == sum(first) / len(first)  # the lookup, apart from the copy
+    assert "Mean NLL per answer token" in table and "First answer token right" in table
     for r in (r for r in rows if r["task"] != "perplexity"):  # the per-token detail adds up to the sample's
         assert len(r["answer_token_nll"]) == len(r["answer_token_correct"]) > 0
         assert abs(sum(r["answer_token_nll"]) / len(r["answer_token_nll"]) - r["answer_nll"]) < 2e-3

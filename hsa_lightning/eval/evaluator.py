@@ -34,7 +34,7 @@ from hsa_lightning.eval.report import summarise, write_report
 from hsa_lightning.eval.scoring import answer_token_correct, string_match_all
 from hsa_lightning.inference import InferenceEngine
 
-SUMS = ("n", "tf", "gen", "gen_sq", "nll", "tokens", "last_nll", "last_tokens")
+SUMS = ("n", "tf", "first", "gen", "gen_sq", "nll", "tokens", "last_nll", "last_tokens")
 
 
 class LengthEval(Callback):
@@ -135,7 +135,7 @@ class LengthEval(Callback):
                       answer_token_nll=[round(float(x), 3) for x in token_nll],
                       answer_token_correct=correct.tolist(),
                       needle_starts=batch["needle_starts"])
-        sums = {"tf": float(tf), "nll": float(nll), "tokens": answer.numel()}
+        sums = {"tf": float(tf), "first": float(correct[0]), "nll": float(nll), "tokens": answer.numel()}
         if self.generate:
             engine = self._engine(model, a + self.max_new_tokens)
             text = self.data.tokenizer.decode(engine.generate(ids[:, :a], self.max_new_tokens)[0])

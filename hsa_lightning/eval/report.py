@@ -33,7 +33,7 @@ def summarise(totals: dict, cells: list, generation: bool) -> list[dict]:
             row.update(ppl=math.exp(row["nll"]), last_ppl=math.exp(row["last_nll"]))
         else:
             row.update(tf_correct=int(t["tf"]), tf_acc=t["tf"] / max(n, 1), tf_ci=list(wilson_interval(t["tf"], n)),
-                       answer_nll=t["nll"] / max(t["tokens"], 1))
+                       answer_nll=t["nll"] / max(t["tokens"], 1), first_acc=t["first"] / max(n, 1))
             if generation:
                 row.update(string_match=t["gen"] / max(n, 1), string_match_ci=list(mean_interval(t["gen"], t["gen_sq"], n)))
         rows.append(row)
@@ -51,14 +51,14 @@ def by_task_length(rows: list[dict]) -> dict:
     return out
 
 
-def answer_nll(rows: list[dict]) -> dict:
-    """{(task, length): mean answer-token NLL} over depths, weighted by samples (results.json files
-    written before this column existed have none)."""
+def over_depths(rows: list[dict], column: str) -> dict:
+    """{(task, length): mean of a per-sample column} over depths, weighted by samples (results.json files
+    written before the column existed have none): ``answer_nll``, ``first_acc``."""
     sums: dict = {}
     for r in rows:
-        if r["task"] != "perplexity" and "answer_nll" in r:
+        if r["task"] != "perplexity" and column in r:
             s, n = sums.get((r["task"], r["length"]), (0.0, 0))
-            sums[(r["task"], r["length"])] = (s + r["answer_nll"] * r["n"], n + r["n"])
+            sums[(r["task"], r["length"])] = (s + r[column] * r["n"], n + r["n"])
     return {key: s / n for key, (s, n) in sums.items() if n}
 
 
@@ -79,12 +79,17 @@ def markdown(rows: list[dict], with_generation: bool) -> str:
         if with_generation:
             gen = [f"{100 * merged[(t, n)][2] / merged[(t, n)][1]:.1f}" if (t, n) in merged else "" for n in lengths]
             lines.append(f"| {t} (generation) | " + " | ".join(gen) + " |")
-    nll = answer_nll(rows)
-    if nll:
-        lines += ["", "Mean NLL per answer token, teacher-forced (guessing uniformly over the vocabulary scores ln V)", "",
-                  "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-        lines += [f"| {t} | " + " | ".join(f"{nll[(t, n)]:.2f}" if (t, n) in nll else "" for n in lengths) + " |"
-                  for t in tasks]
+    for column, title, scale, digits in (
+            ("answer_nll", "Mean NLL per answer token, teacher-forced (guessing uniformly over the vocabulary scores ln V)",
+             1, 2),
+            ("first_acc", "First answer token right, % (finding the needle; the later tokens copy what follows it)",
+             100, 1)):
+        means = over_depths(rows, column)
+        if means:
+            lines += ["", title, "", "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |",
+                      "|---|" + "---|" * len(lengths)]
+            lines += [f"| {t} | " + " | ".join(f"{scale * means[(t, n)]:.{digits}f}" if (t, n) in means else ""
+                                               for n in lengths) + " |" for t in tasks]
     ppl = [r for r in rows if r["task"] == "perplexity"]
     if ppl:
         lines += ["", "Held-out perplexity and last-window loss", "", "| length | n | perplexity | mean NLL | last-window NLL |",
@@ -139,7 +144,7 @@ def curves(runs: dict[str, list[dict]], path: Path, perplexity: bool) -> list[st
         columns = 2
     else:
         merged = {name: by_task_length(rows) for name, rows in runs.items()}
-        nll = {name: answer_nll(rows) for name, rows in runs.items()}
+        nll = {name: over_depths(rows, "answer_nll") for name, rows in runs.items()}
         tasks = list(dict.fromkeys(t for cells in merged.values() for t, _ in cells))
         for task in tasks:
             panels.append((f"{task} (teacher-forced %)", {
