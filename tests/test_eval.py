@@ -11,7 +11,7 @@ from hsa_lightning.data.tasks import TASKS
 from hsa_lightning.data.tokenizer import ByteTokenizer
 from hsa_lightning.errors import ConfigError
 from hsa_lightning.eval.datamodule import Cell, LengthEvalData
-from hsa_lightning.eval.scoring import (mean_interval, string_match_all, string_match_part, teacher_forced_correct,
+from hsa_lightning.eval.scoring import (answer_token_correct, mean_interval, string_match_all, string_match_part,
                                         wilson_interval)
 
 TOK = ByteTokenizer()
@@ -90,8 +90,8 @@ def test_ruler_string_match_rules():
 
     logits = torch.full((3, 10), -1.0)
     logits[[0, 1, 2], [4, 5, 6]] = 1.0
-    assert teacher_forced_correct(logits, torch.tensor([4, 5, 6]))
-    assert not teacher_forced_correct(logits, torch.tensor([4, 5, 7]))  # every answer token must match
+    assert answer_token_correct(logits, torch.tensor([4, 5, 6])).tolist() == [True, True, True]
+    assert answer_token_correct(logits, torch.tensor([4, 5, 7])).tolist() == [True, True, False]  # not an exact match
 
 
 def test_interval_maths():

@@ -234,13 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true",
                    help="the folders are parts of one checkpoint's evaluation: write one report to OUTPUT")
     args = p.parse_args(argv)
-    runs = {}
     for run in args.runs:
         path = Path(run) / "results.json"
         if not path.is_file():
             print(f"error: {path} not found (is {run!r} a LengthEval output folder?)", file=sys.stderr)
             return 2
-        runs[Path(run).name] = json.loads(path.read_text())["cells"]
     out = Path(args.output)
     if args.merge:
         if out.exists():
@@ -251,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                   + " is in more than one part: taken from the first")
         print(f"wrote the merged report of {len(args.runs)} parts to {out}/")
         return 0
+    runs = {Path(run).name: json.loads((Path(run) / "results.json").read_text())["cells"] for run in args.runs}
     out.mkdir(parents=True, exist_ok=True)
     curves(runs, out / "compare_accuracy.png", perplexity=False)
     if any(r["task"] == "perplexity" for rows in runs.values() for r in rows):

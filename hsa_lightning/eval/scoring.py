@@ -1,7 +1,7 @@
 """Scores and intervals of the evaluation suite.
 
 - Teacher-forced exact match (the paper's protocol): a sample is right when the argmax at every answer
-  position is the answer token.
+  position is the answer token (``answer_token_correct(...).all()``).
 - RULER's ``string_match_all`` / ``string_match_part`` on greedy generations: case-insensitive substring
   containment of each reference, after RULER's post-processing (strip; control characters to newlines).
 - 95% intervals: Wilson's score interval for a proportion; for fractional per-sample scores, the normal
@@ -20,11 +20,6 @@ Z95 = 1.959963984540054
 def answer_token_correct(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     """(n,) bool: whether the argmax of ``logits`` (n, V) at each position is that ``answer`` (n,) token id."""
     return logits.argmax(-1) == answer
-
-
-def teacher_forced_correct(logits: torch.Tensor, answer: torch.Tensor) -> bool:
-    """``logits`` (n, V) at the positions that predict ``answer`` (n,) token ids."""
-    return bool(answer_token_correct(logits, answer).all())
 
 
 def ruler_postprocess(prediction: str) -> str:
