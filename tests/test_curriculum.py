@@ -29,16 +29,30 @@ def test_stage_boundaries_and_validation():
 
 def test_self_copy_doubles_the_first_half_with_matching_labels():
     x = torch.arange(1, 9).repeat(2, 1)  # tokens 1..8, labels 2..9
-    batch = {"input_ids": x, "labels": x + 1, "doc_start": torch.zeros_like(x)}
+    doc_start = torch.tensor([0, 0, 0, 0, 4, 4, 4, 4]).repeat(2, 1)  # a document starts mid-sequence
+    batch = {"input_ids": x, "labels": x + 1, "doc_start": doc_start}
     out = plugin("curriculum", "SelfCopy").transform(batch)
     assert out["input_ids"][0].tolist() == [1, 2, 3, 4, 1, 2, 3, 4]
     assert out["labels"][0].tolist() == [2, 3, 4, 1, 2, 3, 4, 5]
-    assert "doc_start" not in out
+    assert out["doc_start"].tolist() == [[0] * 8] * 2  # the copy sees across the split
     copy_only = plugin("curriculum", "SelfCopy", score="copy").transform(batch)
     assert copy_only["input_ids"][0].tolist() == [1, 2, 3, 4, 1, 2, 3, 4]
     assert copy_only["labels"][0].tolist() == [-100, -100, -100, -100, 2, 3, 4, 5]
     with pytest.raises(ConfigError, match=r"curriculum stage SelfCopy score='half' must be 'both' or 'copy'"):
         plugin("curriculum", "SelfCopy", score="half")
+
+
+def test_self_copy_share_copies_only_the_first_rows():
+    x = torch.arange(1, 9).repeat(4, 1) + 10 * torch.arange(4)[:, None]
+    batch = {"input_ids": x, "labels": x + 1, "doc_start": torch.tensor([0, 0, 0, 0, 4, 4, 4, 4]).repeat(4, 1)}
+    out = plugin("curriculum", "SelfCopy", score="copy", copy_share=0.5).transform(batch)
+    assert out["input_ids"][:2].tolist() == [[1, 2, 3, 4, 1, 2, 3, 4], [11, 12, 13, 14, 11, 12, 13, 14]]
+    assert out["labels"][1].tolist() == [-100, -100, -100, -100, 12, 13, 14, 15]
+    assert torch.equal(out["input_ids"][2:], x[2:]) and torch.equal(out["labels"][2:], x[2:] + 1)
+    assert out["doc_start"][:2].eq(0).all() and torch.equal(out["doc_start"][2:], batch["doc_start"][2:])
+    assert torch.equal(batch["input_ids"], x)  # the input batch is left as it was
+    with pytest.raises(ConfigError, match=r"curriculum stage SelfCopy copy_share=0 must be within \(0, 1\]"):
+        plugin("curriculum", "SelfCopy", copy_share=0)
 
 
 class Recorder(L.Callback):

@@ -23,6 +23,8 @@ VARIANTS = {  # the resolved keys each file may (and must) change, besides its o
     "warmup_none": [STAGES],
     "warmup_self_copy": [STAGES],
     "warmup_self_copy_only": [STAGES],
+    "tasks_after_warmup": [STAGES],
+    "tasks_and_copy_after_warmup": [STAGES],
     "memory_mean_standard": ["model.config.landmark", "model.config.hsa_residual"],
     "chunk_16": ["model.config.chunk_size", "model.config.top_k"],
 }
