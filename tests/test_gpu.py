@@ -81,6 +81,30 @@ def test_triton_bf16_matches_fp32_reference_and_is_deterministic(L, G, D, K):
     assert all(torch.equal(a, b) for a, b in zip(grads, again))  # no atomics: bit-identical
 
 
+@pytest.mark.parametrize("G,S,K", [(8, 16, 32), (1, 64, 16)])  # the copying model's shape; one head per KV head
+def test_triton_joint_softmax_bf16_matches_fp32_reference_and_is_deterministic(G, S, K):
+    from hsa_lightning.kernels.hsa import joint_chunk_attention_reference
+    from hsa_lightning.kernels.hsa.joint import joint_chunk_attention
+    from hsa_lightning.kernels.retrieval import retrieval_scores, select_chunks
+
+    torch.manual_seed(0)
+    L, H, D = 4096, 8, 64
+    hkv = H // G
+    q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, L, hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    q_slc = torch.randn(1, L, hkv, 32, device="cuda")
+    idx, valid = select_chunks(retrieval_scores(q_slc, torch.randn(1, L // S, hkv, 32, device="cuda"), S), K)
+    do = torch.randn_like(q)
+    grads = torch.autograd.grad(joint_chunk_attention(q, k, v, valid, idx, S), (q, k, v), do)
+    full = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = joint_chunk_attention_reference(*full, valid, idx, S)
+    assert rel_err(joint_chunk_attention(q, k, v, valid, idx, S), ref) < 1e-2
+    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, full, do.float())):
+        assert rel_err(a, b) < 1e-2, name
+    again = torch.autograd.grad(joint_chunk_attention(q, k, v, valid, idx, S), (q, k, v), do)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))  # no atomics: bit-identical
+
+
 @pytest.mark.parametrize("G", [16, 1])  # the token-centric and the chunk-centric kernels
 def test_hsa_forward_backward_captures_in_a_cuda_graph_so_it_never_waits_on_the_host(G):
     """A host sync (or a shape read back from the GPU) anywhere in the forward, the index building or the

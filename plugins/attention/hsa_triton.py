@@ -32,7 +32,7 @@ class HSATriton(AttentionBackend):
     requires = ("triton",)
     devices = frozenset({"cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
-    fusions = frozenset({"softmax", "stick_breaking"})
+    fusions = frozenset({"softmax", "stick_breaking", "joint"})
     masks_documents = True
     incremental = True
 
@@ -76,7 +76,10 @@ class HSATriton(AttentionBackend):
         from hsa_lightning.kernels.hsa.parallel import hsa_attention, uses_chunk_kernels
 
         if selection.joint:
-            raise PluginError("HSATriton does not implement fusion='joint'; use HSAReference for that ablation")
+            from hsa_lightning.kernels.hsa.joint import joint_chunk_attention
+
+            return joint_chunk_attention(q, memory.k, memory.v, selection.weights > 0, selection.indices,
+                                         memory.chunk_size)
         # The kernel family follows the memory (one landmark per chunk), not the K/V passed in: offloaded
         # inference passes the union of all rows' selected chunks and must compute what resident inference does.
         memory_len = memory.landmarks.shape[1] * memory.chunk_size
