@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hsa_lightning.kernels.hsa.parallel import (_chunk_softmax, _entry_block, _pow2, _rows_from_tokens, _tuned,
-                                                chunk_csr, dkdv_pass, dkdv_work)
+from hsa_lightning.kernels.hsa.parallel import (_chunk_kv, _chunk_softmax, _entry_rows, _pow2, _rows_from_tokens,
+                                                _tuned, _work_item, chunk_csr, dkdv_pass, dkdv_work)
 
 ROWS = 64  # (entry, head) rows per MMA tile
 
@@ -41,33 +41,21 @@ def _fwd_by_chunk_kernel(
     KSEL: tl.constexpr,
 ):
     """OP[b, token, slot, head] = w * softmax(q K_c^T) V_c for every entry (token, slot) of chunk c."""
-    item = tl.program_id(0)
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    row = TABLE + b.to(tl.int64) * stb + h * sth + item.to(tl.int64) * 4
-    c = tl.load(row)
+    c, start, end, _ = _work_item(TABLE, stb, sth, tl.program_id(0), b, h)
     if c >= 0:
-        start = tl.load(row + 1)
-        end = tl.load(row + 2)
-        d = tl.arange(0, D)
-        s_idx = tl.arange(0, S)
-        kv_off = b.to(tl.int64) * skb + (c.to(tl.int64) * S + s_idx)[:, None] * skt + h * skh + d[None, :]
-        kt = tl.trans(tl.load(Kmem + kv_off))  # (D, S)
-        v = tl.load(V + kv_off)  # (S, D)
+        _, k, v = _chunk_kv(Kmem, V, b, h, c, skb, skt, skh, S, D)
+        kt = tl.trans(k)  # (D, S)
         e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
-        g = tl.arange(0, BR * G_PAD) % G_PAD
-        head = (h * G + g).to(tl.int64)
         for e0 in range(start, end, BR):
-            tok, sel, w, ok = _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR, KSEL)
-            tok_row = _rows_from_tokens(tok, BR, G_PAD).to(tl.int64)
-            sel_row = _rows_from_tokens(sel, BR, G_PAD).to(tl.int64)
-            row_ok = _rows_from_tokens(ok, BR, G_PAD) & (g < G)
-            q = tl.load(Q + b.to(tl.int64) * sqb + tok_row[:, None] * sqt + head[:, None] * sqh + d[None, :],
-                        mask=row_ok[:, None], other=0.0)
+            _, sel, w, _, tok_row, row_ok, head, _, q = _entry_rows(
+                Q, e_base, W, e0, end, b, h, swb, swt, swh, sqb, sqt, sqh, BR, KSEL, G, G_PAD, D)
             p = _chunk_softmax(q, kt, scale)
             o = tl.dot(p.to(v.dtype), v) * _rows_from_tokens(w, BR, G_PAD)[:, None]
+            sel_row = _rows_from_tokens(sel, BR, G_PAD).to(tl.int64)
             o_off = b.to(tl.int64) * spb + tok_row[:, None] * spt + sel_row[:, None] * sps + head[:, None] * sph
-            tl.store(OP + o_off + d[None, :], o.to(OP.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(OP + o_off + tl.arange(0, D)[None, :], o.to(OP.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit

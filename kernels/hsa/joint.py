@@ -19,19 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hsa_lightning.kernels.hsa.parallel import (_check, _entry_block, _hsa_bwd_dkdv_reduce_kernel, _pow2,
-                                                _rows_from_tokens, _token_rows, _tuned, block_union, chunk_csr,
-                                                common_dtype, dkdv_work, inner_contiguous, tile_shape)
-
-
-@triton.jit
-def _picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT: tl.constexpr, KSEL: tl.constexpr, K_PAD: tl.constexpr):
-    """The block's selections, one row per token: chunk ids and slot counts (1 valid, 0 padding)."""
-    btok = pid_t * BT + tl.arange(0, BT)
-    kk = tl.arange(0, K_PAD)
-    sel_off = b.to(tl.int64) * swb + btok.to(tl.int64)[:, None] * swt + h * swh + kk[None, :]
-    sel_ok = (btok < T)[:, None] & (kk < KSEL)[None, :]
-    return tl.load(IDX + sel_off, mask=sel_ok, other=-1), tl.load(W + sel_off, mask=sel_ok, other=0.0)
+from hsa_lightning.kernels.hsa.parallel import (_block_picks, _block_queries, _check, _chunk_kv, _entry_rows,
+                                                _hsa_bwd_dkdv_reduce_kernel, _pow2, _rows_from_tokens, _store_dkdv,
+                                                _tuned, _work_item, block_union, chunk_csr, common_dtype, dkdv_work,
+                                                inner_contiguous, tile_shape)
 
 
 @_tuned("G", "D", "S", "KSEL", "BT")
@@ -48,12 +39,9 @@ def _joint_fwd_kernel(
     pid_t = tl.program_id(0)
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    tok, g, row_ok = _token_rows(pid_t * BT, T, BT, G, G_PAD)
     d = tl.arange(0, D)
-    head = (h * G + g).to(tl.int64)
-    row_off = b.to(tl.int64) * sqb + tok.to(tl.int64)[:, None] * sqt + head[:, None] * sqh + d[None, :]
-    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
-    idx, w = _picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
+    tok, row_ok, head, row_off, q = _block_queries(Q, sqb, sqt, sqh, pid_t, b, h, T, BT, G, G_PAD, D)
+    idx, w, _, _ = _block_picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
     m = tl.full((BT * G_PAD,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BT * G_PAD,), dtype=tl.float32)
     acc = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
@@ -95,16 +83,13 @@ def _joint_bwd_dq_kernel(
     pid_t = tl.program_id(0)
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    tok, g, row_ok = _token_rows(pid_t * BT, T, BT, G, G_PAD)
     d = tl.arange(0, D)
-    head = (h * G + g).to(tl.int64)
-    row_off = b.to(tl.int64) * sqb + tok.to(tl.int64)[:, None] * sqt + head[:, None] * sqh + d[None, :]
-    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+    tok, row_ok, head, row_off, q = _block_queries(Q, sqb, sqt, sqh, pid_t, b, h, T, BT, G, G_PAD, D)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
     stat_off = b.to(tl.int64) * slb + tok.to(tl.int64) * slt + head * slh
     lse = tl.load(LSE + stat_off, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + stat_off, mask=row_ok, other=0.0)
-    idx, w = _picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
+    idx, w, _, _ = _block_picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
     dq = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
     u_base = UNION + b.to(tl.int64) * sub + h * suh + pid_t.to(tl.int64) * sun
     n = tl.load(COUNT + b * scb + h * sch + pid_t)
@@ -131,31 +116,17 @@ def _joint_bwd_dkdv_kernel(
     KSEL: tl.constexpr,
 ):
     """dK, dV of one work item's chunk (or a partial of them) over its valid (token, slot) entries."""
-    item = tl.program_id(0)
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    row = TABLE + b.to(tl.int64) * stb + h * sth + item.to(tl.int64) * 4
-    c = tl.load(row)
+    c, start, end, slot = _work_item(TABLE, stb, sth, tl.program_id(0), b, h)
     if c >= 0:
-        start = tl.load(row + 1)
-        end = tl.load(row + 2)
-        slot = tl.load(row + 3)
-        d = tl.arange(0, D)
-        s_idx = tl.arange(0, S)
-        kv_off = b.to(tl.int64) * skb + (c.to(tl.int64) * S + s_idx)[:, None] * skt + h * skh + d[None, :]
-        k = tl.load(Kmem + kv_off)  # (S, D)
-        v = tl.load(V + kv_off)
+        kv_off, k, v = _chunk_kv(Kmem, V, b, h, c, skb, skt, skh, S, D)
         dk = tl.zeros((S, D), dtype=tl.float32)
         dv = tl.zeros((S, D), dtype=tl.float32)
         e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
-        g = tl.arange(0, BR * G_PAD) % G_PAD
-        head = (h * G + g).to(tl.int64)
         for e0 in range(start, end, BR):
-            tok, sel, w, ok = _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR, KSEL)
-            tok_row = _rows_from_tokens(tok, BR, G_PAD).to(tl.int64)
-            row_ok = _rows_from_tokens(ok, BR, G_PAD) & (g < G)
-            row_off = b.to(tl.int64) * sqb + tok_row[:, None] * sqt + head[:, None] * sqh + d[None, :]
-            q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+            _, _, w, _, tok_row, row_ok, head, row_off, q = _entry_rows(
+                Q, e_base, W, e0, end, b, h, swb, swt, swh, sqb, sqt, sqh, BR, KSEL, G, G_PAD, D)
             do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
             stat_off = b.to(tl.int64) * slb + tok_row * slt + head * slh
             lse = tl.load(LSE + stat_off, mask=row_ok, other=float("inf"))
@@ -165,13 +136,7 @@ def _joint_bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        if slot < 0:  # the chunk's only item: final gradients
-            tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
-            tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
-        else:
-            p_off = b.to(tl.int64) * spb + h * sph + slot.to(tl.int64) * sps + s_idx[:, None] * D + d[None, :]
-            tl.store(PART_DK + p_off, dk)
-            tl.store(PART_DV + p_off, dv)
+        _store_dkdv(dk, dv, slot, DK, DV, PART_DK, PART_DV, kv_off, b, h, spb, sph, sps, scale, S, D)
 
 
 def _prepare(q, k, v, picks, indices, chunk_size):
@@ -264,7 +229,8 @@ def _(q, k, v, picks, indices, chunk_size, scale):
 @torch.library.custom_op("hsa_lightning::joint_chunk_attention_backward", mutates_args=())
 def _joint_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, picks: torch.Tensor,
                        indices: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, union: torch.Tensor,
-                       count: torch.Tensor, chunk_size: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       count: torch.Tensor, chunk_size: int,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return joint_backward(do, q, k, v, picks, indices, o, lse, union, count, chunk_size, scale)
 
 

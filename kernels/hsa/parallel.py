@@ -145,6 +145,81 @@ def _chunk_softmax(q, kt, scale):
     return p / tl.sum(p, axis=1)[:, None]
 
 
+@triton.jit
+def _block_queries(Q, sqb, sqt, sqh, pid_t, b, h, T, BT: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                   D: tl.constexpr):
+    """A token block's rows (token, query head of KV head h): tokens, in range, heads, offsets, queries."""
+    tok, g, row_ok = _token_rows(pid_t * BT, T, BT, G, G_PAD)
+    head = (h * G + g).to(tl.int64)
+    row_off = b.to(tl.int64) * sqb + tok.to(tl.int64)[:, None] * sqt + head[:, None] * sqh + tl.arange(0, D)[None, :]
+    return tok, row_ok, head, row_off, tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _block_picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT: tl.constexpr, KSEL: tl.constexpr,
+                 K_PAD: tl.constexpr):
+    """The block's selections, one row per token (K_PAD >= KSEL slots): chunk ids, weights, offsets, in range."""
+    btok = pid_t * BT + tl.arange(0, BT)
+    kk = tl.arange(0, K_PAD)
+    sel_off = b.to(tl.int64) * swb + btok.to(tl.int64)[:, None] * swt + h * swh + kk[None, :]
+    sel_ok = (btok < T)[:, None] & (kk < KSEL)[None, :]
+    return tl.load(IDX + sel_off, mask=sel_ok, other=-1), tl.load(W + sel_off, mask=sel_ok, other=0.0), sel_off, sel_ok
+
+
+@triton.jit
+def _work_item(TABLE, stb, sth, item, b, h):
+    """Row ``item`` of a work table (``dkdv_work``): chunk (-1: none), entry range, partial slot."""
+    row = TABLE + b.to(tl.int64) * stb + h * sth + item.to(tl.int64) * 4
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
+def _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR: tl.constexpr, KSEL: tl.constexpr):
+    """The block of BR entries (token * KSEL + slot) of a chunk's list at e0: token, slot, weight, in range."""
+    pos = e0 + tl.arange(0, BR)
+    ok = pos < end
+    entry = tl.load(e_base + pos, mask=ok, other=0)
+    tok, sel = entry // KSEL, entry % KSEL
+    w = tl.load(W + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + sel, mask=ok, other=0.0)
+    return tok, sel, w, ok
+
+
+@triton.jit
+def _chunk_kv(Kmem, V, b, h, c, skb, skt, skh, S: tl.constexpr, D: tl.constexpr):
+    """Chunk c's keys and values (S, D) for KV head h, and their offsets."""
+    kv_off = (b.to(tl.int64) * skb + (c.to(tl.int64) * S + tl.arange(0, S))[:, None] * skt + h * skh
+              + tl.arange(0, D)[None, :])
+    return kv_off, tl.load(Kmem + kv_off), tl.load(V + kv_off)
+
+
+@triton.jit
+def _entry_rows(Q, e_base, W, e0, end, b, h, swb, swt, swh, sqb, sqt, sqh, BR: tl.constexpr, KSEL: tl.constexpr,
+                G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):
+    """A chunk's block of BR entries at e0 as (entry, query head) rows: per entry its token, slot, weight and
+    range; per row its token, range, head and Q/dO offsets; and the rows' queries."""
+    tok, sel, w, ok = _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR, KSEL)
+    g = tl.arange(0, BR * G_PAD) % G_PAD
+    head = (h * G + g).to(tl.int64)
+    tok_row = _rows_from_tokens(tok, BR, G_PAD).to(tl.int64)
+    row_ok = _rows_from_tokens(ok, BR, G_PAD) & (g < G)
+    row_off = b.to(tl.int64) * sqb + tok_row[:, None] * sqt + head[:, None] * sqh + tl.arange(0, D)[None, :]
+    return tok, sel, w, ok, tok_row, row_ok, head, row_off, tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _store_dkdv(dk, dv, slot, DK, DV, PART_DK, PART_DV, kv_off, b, h, spb, sph, sps, scale,
+                S: tl.constexpr, D: tl.constexpr):
+    """A work item's dK, dV: final when it is its chunk's only item, else a partial for the reduce kernel."""
+    if slot < 0:
+        tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
+        tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
+    else:
+        p_off = (b.to(tl.int64) * spb + h * sph + slot.to(tl.int64) * sps
+                 + tl.arange(0, S)[:, None] * D + tl.arange(0, D)[None, :])
+        tl.store(PART_DK + p_off, dk)
+        tl.store(PART_DV + p_off, dv)
+
+
 @_tuned("G", "D", "S", "KSEL", "BT")
 @triton.jit
 def _hsa_fwd_kernel(
@@ -157,18 +232,9 @@ def _hsa_fwd_kernel(
     pid_t = tl.program_id(0)
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    tok, g, row_ok = _token_rows(pid_t * BT, T, BT, G, G_PAD)
     d = tl.arange(0, D)
-    head = (h * G + g).to(tl.int64)
-    q = tl.load(Q + b.to(tl.int64) * sqb + tok.to(tl.int64)[:, None] * sqt + head[:, None] * sqh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    # The block's selections, one row per token: chunk ids and weights (K_PAD >= KSEL slots).
-    btok = pid_t * BT + tl.arange(0, BT)
-    kk = tl.arange(0, K_PAD)
-    sel_off = b.to(tl.int64) * swb + btok.to(tl.int64)[:, None] * swt + h * swh + kk[None, :]
-    sel_ok = (btok < T)[:, None] & (kk < KSEL)[None, :]
-    idx = tl.load(IDX + sel_off, mask=sel_ok, other=-1)
-    w = tl.load(W + sel_off, mask=sel_ok, other=0.0)
+    tok, row_ok, head, row_off, q = _block_queries(Q, sqb, sqt, sqh, pid_t, b, h, T, BT, G, G_PAD, D)
+    idx, w, _, _ = _block_picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
     acc = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
     u_base = UNION + b.to(tl.int64) * sub + h * suh + pid_t.to(tl.int64) * sun
     n = tl.load(COUNT + b * scb + h * sch + pid_t)
@@ -197,18 +263,10 @@ def _hsa_bwd_dq_kernel(
     pid_t = tl.program_id(0)
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    tok, g, row_ok = _token_rows(pid_t * BT, T, BT, G, G_PAD)
     d = tl.arange(0, D)
-    head = (h * G + g).to(tl.int64)
-    row_off = b.to(tl.int64) * sqb + tok.to(tl.int64)[:, None] * sqt + head[:, None] * sqh + d[None, :]
-    q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+    tok, row_ok, head, row_off, q = _block_queries(Q, sqb, sqt, sqh, pid_t, b, h, T, BT, G, G_PAD, D)
     do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
-    btok = pid_t * BT + tl.arange(0, BT)
-    kk = tl.arange(0, K_PAD)
-    sel_off = b.to(tl.int64) * swb + btok.to(tl.int64)[:, None] * swt + h * swh + kk[None, :]
-    sel_ok = (btok < T)[:, None] & (kk < KSEL)[None, :]
-    idx = tl.load(IDX + sel_off, mask=sel_ok, other=-1)
-    w = tl.load(W + sel_off, mask=sel_ok, other=0.0)
+    idx, w, sel_off, sel_ok = _block_picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
     dq = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
     dw = tl.zeros((BT, K_PAD), dtype=tl.float32)
     u_base = UNION + b.to(tl.int64) * sub + h * suh + pid_t.to(tl.int64) * sun
@@ -232,17 +290,6 @@ def _hsa_bwd_dq_kernel(
     tl.store(DW + sel_off, dw, mask=sel_ok)
 
 
-@triton.jit
-def _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR: tl.constexpr, KSEL: tl.constexpr):
-    """The block of BR entries (token * KSEL + slot) of a chunk's list at e0: token, slot, weight, in range."""
-    pos = e0 + tl.arange(0, BR)
-    ok = pos < end
-    entry = tl.load(e_base + pos, mask=ok, other=0)
-    tok, sel = entry // KSEL, entry % KSEL
-    w = tl.load(W + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + sel, mask=ok, other=0.0)
-    return tok, sel, w, ok
-
-
 @_tuned("G", "D", "S", "KSEL", "BR", "WITH_DQ")
 @triton.jit
 def _hsa_bwd_dkdv_kernel(
@@ -255,31 +302,17 @@ def _hsa_bwd_dkdv_kernel(
     """dK, dV of one work item's chunk (or a partial of them) over its (token, slot) entries; ``WITH_DQ``
     (the chunk-centric backward of ``by_chunk.py``) also writes each entry's dQ share DQP[b, token, slot,
     head] and its dw."""
-    item = tl.program_id(0)
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    row = TABLE + b.to(tl.int64) * stb + h * sth + item.to(tl.int64) * 4
-    c = tl.load(row)
+    c, start, end, slot = _work_item(TABLE, stb, sth, tl.program_id(0), b, h)
     if c >= 0:
-        start = tl.load(row + 1)
-        end = tl.load(row + 2)
-        slot = tl.load(row + 3)
-        d = tl.arange(0, D)
-        s_idx = tl.arange(0, S)
-        kv_off = b.to(tl.int64) * skb + (c.to(tl.int64) * S + s_idx)[:, None] * skt + h * skh + d[None, :]
-        k = tl.load(Kmem + kv_off)  # (S, D)
-        v = tl.load(V + kv_off)
+        kv_off, k, v = _chunk_kv(Kmem, V, b, h, c, skb, skt, skh, S, D)
         dk = tl.zeros((S, D), dtype=tl.float32)
         dv = tl.zeros((S, D), dtype=tl.float32)
         e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
-        g = tl.arange(0, BR * G_PAD) % G_PAD
-        head = (h * G + g).to(tl.int64)
         for e0 in range(start, end, BR):
-            tok, sel, w, ok = _entry_block(e_base, W, e0, end, b, h, swb, swt, swh, BR, KSEL)
-            tok_row = _rows_from_tokens(tok, BR, G_PAD).to(tl.int64)
-            row_ok = _rows_from_tokens(ok, BR, G_PAD) & (g < G)
-            row_off = b.to(tl.int64) * sqb + tok_row[:, None] * sqt + head[:, None] * sqh + d[None, :]
-            q = tl.load(Q + row_off, mask=row_ok[:, None], other=0.0)
+            tok, sel, w, ok, tok_row, row_ok, head, row_off, q = _entry_rows(
+                Q, e_base, W, e0, end, b, h, swb, swt, swh, sqb, sqt, sqh, BR, KSEL, G, G_PAD, D)
             do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
             p = _chunk_softmax(q, tl.trans(k), scale)  # (M, S)
             dp = tl.dot(do, tl.trans(v))
@@ -292,16 +325,10 @@ def _hsa_bwd_dkdv_kernel(
                 sel_row = _rows_from_tokens(sel, BR, G_PAD).to(tl.int64)
                 dq = tl.dot(ds.to(k.dtype), k) * scale
                 dq_off = b.to(tl.int64) * sdb + tok_row[:, None] * sdt + sel_row[:, None] * sds + head[:, None] * sdh
-                tl.store(DQP + dq_off + d[None, :], dq.to(DQP.dtype.element_ty), mask=row_ok[:, None])
+                tl.store(DQP + dq_off + tl.arange(0, D)[None, :], dq.to(DQP.dtype.element_ty), mask=row_ok[:, None])
                 dw = tl.sum(tl.reshape(delta, (BR, G_PAD)), axis=1)  # summed over the group's heads
                 tl.store(DW + b.to(tl.int64) * swb + tok.to(tl.int64) * swt + h * swh + sel, dw, mask=ok)
-        if slot < 0:  # the chunk's only item: final gradients
-            tl.store(DK + kv_off, (dk * scale).to(DK.dtype.element_ty))
-            tl.store(DV + kv_off, dv.to(DV.dtype.element_ty))
-        else:
-            p_off = b.to(tl.int64) * spb + h * sph + slot.to(tl.int64) * sps + s_idx[:, None] * D + d[None, :]
-            tl.store(PART_DK + p_off, dk)
-            tl.store(PART_DV + p_off, dv)
+        _store_dkdv(dk, dv, slot, DK, DV, PART_DK, PART_DV, kv_off, b, h, spb, sph, sps, scale, S, D)
 
 
 @triton.jit
