@@ -10,7 +10,8 @@ the HSA layer's attention (SWA 512 via FlexAttention + HSA) forward+backward, an
 attention forward+backward (``--cuda_graphs``: these three as CUDA-graph replays, without the host's
 launch work, which bounds short sequences). Useful FLOPs: forward 4*L*Hq*k*64*D, forward+backward 3.5x
 that. ``--kernels tokens,chunks`` times the token-centric and the chunk-centric HSA kernels side by side
-(by default ``hsa_attention`` picks by group size).
+(by default ``hsa_attention`` picks by group size); ``joint`` times the joint-softmax fusion ablation's
+kernels (``kernels/hsa/joint.py``) on the same picks.
 
 Selection patterns: ``smooth`` (each 64-token query chunk draws k visible chunks, each token swaps about
 10% of them for random visible ones; the printed share is the fraction of a token's chunks its
@@ -119,20 +120,31 @@ def run_case(L, k, D, G, pattern, args, device, kernels="auto"):
     idx, w = finish_selection(raw, gen)
     w.requires_grad_()
     do = torch.randn_like(q)
-    by_chunk = {"auto": uses_chunk_kernels(q, L, G, k), "tokens": False, "chunks": True}[kernels]
+    if kernels == "joint":  # the joint-softmax fusion ablation: the same picks, no weights (no dw)
+        from hsa_lightning.kernels.hsa.joint import joint_chunk_attention
 
-    def hsa_attention(*a):
-        return hsa(*a, by_chunk=by_chunk)
+        def hsa_attention(q, kk, v, w, idx, S):
+            return joint_chunk_attention(q, kk, v, w > 0, idx, S)
+
+        grad_inputs = (q, kk, v)
+    else:
+        by_chunk = {"auto": uses_chunk_kernels(q, L, G, k), "tokens": False, "chunks": True}[kernels]
+
+        def hsa_attention(*a):
+            return hsa(*a, by_chunk=by_chunk)
+
+        grad_inputs = (q, kk, v, w)
+        kernels = "chunks" if by_chunk else "tokens"
 
     row = {"L": L, "top_k": k, "head_dim": D, "G": G, "pattern": pattern, "shared": round(shared_fraction(idx), 3),
-           "kernels": "chunks" if by_chunk else "tokens"}
+           "kernels": kernels}
     bt, _ = tile_shape(G)
     row["union_per_k"] = round(block_union(idx, bt)[1].float().mean().item() / k, 2)
     row["hsa_fwd_ms"] = bench(lambda: hsa_attention(q, kk, v, w, idx, S))
 
     def fwd_bwd():
         o = hsa_attention(q, kk, v, w, idx, S)
-        torch.autograd.grad(o, (q, kk, v, w), do)
+        torch.autograd.grad(o, grad_inputs, do)
 
     row["hsa_fwd_bwd_ms"] = bench(fwd_bwd, graphs=args.cuda_graphs)
     flops = 4 * L * HQ * k * S * D
@@ -190,7 +202,8 @@ def main() -> None:
     p.add_argument("--max_retrieval_len", type=int, default=131072, help="longest L for the reference retrieval")
     p.add_argument("--skip_retrieval", action="store_true")
     p.add_argument("--kernels", default="auto",
-                   help="HSA kernels to time: auto (hsa_attention's choice), or a list of tokens / chunks")
+                   help="HSA kernels to time: auto (hsa_attention's choice), or a list of tokens / chunks / joint "
+                        "(the joint-softmax fusion ablation's kernels)")
     p.add_argument("--cuda_graphs", action="store_true",
                    help="time the forward+backward columns (HSA, HSA layer, cuDNN) as CUDA-graph replays")
     p.add_argument("--out", default="docs/kernels.json")
