@@ -45,6 +45,12 @@ def test_paper_tasks_answers_are_derivable_from_their_needles():
     needle = TOK.encode(" |One of the special magic numbers for long-context is:") + key + TOK.encode("|")
     hits = [i for i in range(len(s.tokens)) if s.tokens[i:i + len(needle)].tolist() == needle]
     assert hits == s.needle_starts  # the key appears in exactly one needle
+    n = len(needle) - len(key) - 1
+    assert s.answer_sources == list(range(hits[0] + n, hits[0] + n + 7))  # what each answer token copies
+    passkey = sample("passkey", seed=7)
+    assert s.tokens[s.answer_sources].tolist() == key and passkey.answer_sources[0] > passkey.needle_starts[0]
+    assert passkey.tokens[passkey.answer_sources].tolist() == passkey.tokens[passkey.answer_start:].tolist()
+    assert sample("mq_niah", seed=4).answer_sources == []  # two values from two needles: not one copy
     text = TOK.decode(sample("mq_niah", seed=4).tokens.tolist())
     pairs = dict(re.findall(r"\| One of the special magic numbers for ([A-Z]{5}) is (\d{6})\.\|", text))
     assert len(pairs) == 6
@@ -234,6 +240,11 @@ def test_answer_nll_table_weights_depths_by_samples_and_skips_results_written_be
     assert "| s_niah | 50.0 |" in markdown(rows, False).split("First answer token right")[1]  # (1 + 1) / 4
     old = [{k: v for k, v in r.items() if k != "answer_nll"} for r in rows]
     assert "Mean NLL" not in markdown(old, False) and "| s_niah | 0.0 [" in markdown(old, False)
+    assert "Later answer tokens" not in markdown(rows, False)  # no copy split (no chunk memory, older files)
+    copies = [{**rows[0], "inside": 5, "inside_n": 6, "edge": 0, "edge_n": 0},
+              {**rows[1], "inside": 10, "inside_n": 15, "edge": 1, "edge_n": 3}]
+    table = markdown(copies, False).split("Later answer tokens right")[1]
+    assert "| s_niah | 71.4 / 33.3 (21 / 3) |" in table  # summed over depths by tokens: 15 / 21 and 1 / 3
 
 
 GRID = ["--data.init_args.lengths", "[512, 1024]", "--data.init_args.depths", "[0, 100]",
@@ -271,7 +282,12 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
         first = [r["answer_token_correct"][0] for r in rows
                  if (r["task"], r["length"], r["depth"]) == ("s_niah", cell["length"], cell["depth"])]
         assert cell["first_acc"] == sum(first) / len(first)  # the lookup, apart from the copy
+        split = [(right, edge) for r in rows if (r["task"], r["length"], r["depth"]) == ("s_niah", cell["length"],
+                 cell["depth"]) for right, edge in zip(r["answer_token_correct"][1:], r["copy_starts_chunk"])]
+        assert (cell["inside_n"], cell["edge_n"]) == (sum(not e for _, e in split), sum(e for _, e in split))
+        assert (cell["inside"], cell["edge"]) == (sum(c and not e for c, e in split), sum(c and e for c, e in split))
     assert "Mean NLL per answer token" in table and "First answer token right" in table
+    assert "Later answer tokens right" in table  # tiny.yaml's chunk memory (chunk 32): the copy split
     for r in (r for r in rows if r["task"] != "perplexity"):  # the per-token detail adds up to the sample's
         assert len(r["answer_token_nll"]) == len(r["answer_token_correct"]) > 0
         assert abs(sum(r["answer_token_nll"]) / len(r["answer_token_nll"]) - r["answer_nll"]) < 2e-3

@@ -18,7 +18,7 @@ RULER's prompts, adjective-noun keys and 7-digit values, for comparison with the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -54,6 +54,9 @@ class TaskSample:
     answers: list[str]  # reference strings (each must appear in a correct generation)
     needle_starts: list[int]  # token offset of every needle
     needle_ends: list[int]  # one past its last token
+    # where each answer token is copied from, when the answer is a run of one needle's tokens (S-NIAH's key,
+    # the pass key); empty otherwise. Tells a copy inside a memory chunk from one that starts the next chunk.
+    answer_sources: list[int] = field(default_factory=list)
 
 
 def _join_keys(keys: list[str]) -> str:
@@ -95,7 +98,17 @@ def _assemble(task: str, tok: Tokenizer, haystack: np.ndarray, length: int, rng:
     tokens = np.concatenate([head, context, question, answer]).astype(np.int64)
     starts = [st + len(head) for st in starts]
     ends = [st + len(n) for st, n in zip(starts, needles)]
-    return TaskSample(task, tokens, length - len(answer), length, answers, starts, ends)
+    return TaskSample(task, tokens, length - len(answer), length, answers, starts, ends, _sources(needles, starts, answer))
+
+
+def _sources(needles: list[list[int]], starts: list[int], answer: list[int]) -> list[int]:
+    """The positions the answer is copied from: its first occurrence inside one needle, else none."""
+    n = len(answer)
+    for needle, start in zip(needles, starts):
+        for at in range(len(needle) - n + 1):
+            if list(needle[at:at + n]) == list(answer):
+                return [start + at + i for i in range(n)]
+    return []
 
 
 def _text(task: str, tok: Tokenizer, haystack: np.ndarray, length: int, rng: np.random.Generator, head: str,

@@ -199,7 +199,8 @@ class LengthEvalData(L.LightningDataModule):
         depth = None if cell.depth < 0 else cell.depth / 100
         s = TASKS[cell.task](self.tokenizer, hay, cell.length, rng, depth=depth)
         return {**meta, "eval_kind": "task", "input_ids": torch.from_numpy(s.tokens), "answer_start": s.answer_start,
-                "answer_end": s.answer_end, "answers": s.answers, "needle_starts": s.needle_starts}
+                "answer_end": s.answer_end, "answers": s.answers, "needle_starts": s.needle_starts,
+                "answer_sources": s.answer_sources}
 
     def test_dataloader(self) -> DataLoader:
         samples = _Samples(self)

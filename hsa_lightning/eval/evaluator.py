@@ -33,8 +33,10 @@ from hsa_lightning.eval.datamodule import Cell, LengthEvalData
 from hsa_lightning.eval.report import summarise, write_report
 from hsa_lightning.eval.scoring import answer_token_correct, string_match_all
 from hsa_lightning.inference import InferenceEngine
+from hsa_lightning.model.blocks import HSABlock
 
-SUMS = ("n", "tf", "first", "gen", "gen_sq", "nll", "tokens", "last_nll", "last_tokens")
+SUMS = ("n", "tf", "first", "inside", "inside_n", "edge", "edge_n", "gen", "gen_sq", "nll", "tokens", "last_nll",
+        "last_tokens")
 
 
 class LengthEval(Callback):
@@ -72,6 +74,9 @@ class LengthEval(Callback):
         if trainer.is_global_zero:
             refuse_overwrite(self.output_dir, self.overwrite)
         self.data = data
+        # the chunk size of a retrieved chunk memory, for the copy-inside / copy-across-chunks split
+        retrieves = any(isinstance(b, HSABlock) and b.backend.needs_retrieval for b in pl_module.model.modules())
+        self.chunk_size = pl_module.model.config.chunk_size if retrieves else None
         self.sums = {cell: {k: SumMetric().to(pl_module.device) for k in SUMS} for cell in data.cells}
         self.records: list[dict] = []
         self._cell, self._cell_time = None, time.perf_counter()
@@ -136,6 +141,15 @@ class LengthEval(Callback):
                       answer_token_correct=correct.tolist(),
                       needle_starts=batch["needle_starts"])
         sums = {"tf": float(tf), "first": float(correct[0]), "nll": float(nll), "tokens": answer.numel()}
+        sources = batch.get("answer_sources") or []
+        if self.chunk_size and sources:
+            # a later answer token copies the successor of the previous one: inside the same chunk of the
+            # memory, or the first token of the next chunk (its source starts a chunk)
+            edge = [s % self.chunk_size == 0 for s in sources[1:]]
+            record["copy_starts_chunk"] = edge
+            later = correct[1:].tolist()
+            sums.update(inside=sum(c for c, e in zip(later, edge) if not e), inside_n=edge.count(False),
+                        edge=sum(c for c, e in zip(later, edge) if e), edge_n=edge.count(True))
         if self.generate:
             engine = self._engine(model, a + self.max_new_tokens)
             text = self.data.tokenizer.decode(engine.generate(ids[:, :a], self.max_new_tokens)[0])

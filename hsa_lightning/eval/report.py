@@ -34,6 +34,8 @@ def summarise(totals: dict, cells: list, generation: bool) -> list[dict]:
         else:
             row.update(tf_correct=int(t["tf"]), tf_acc=t["tf"] / max(n, 1), tf_ci=list(wilson_interval(t["tf"], n)),
                        answer_nll=t["nll"] / max(t["tokens"], 1), first_acc=t["first"] / max(n, 1))
+            if t.get("inside_n", 0) + t.get("edge_n", 0):  # answers copied from a needle, through a chunk memory
+                row.update({k: int(t[k]) for k in ("inside", "inside_n", "edge", "edge_n")})
             if generation:
                 row.update(string_match=t["gen"] / max(n, 1), string_match_ci=list(mean_interval(t["gen"], t["gen_sq"], n)))
         rows.append(row)
@@ -60,6 +62,18 @@ def over_depths(rows: list[dict], column: str) -> dict:
             s, n = sums.get((r["task"], r["length"]), (0.0, 0))
             sums[(r["task"], r["length"])] = (s + r[column] * r["n"], n + r["n"])
     return {key: s / n for key, (s, n) in sums.items() if n}
+
+
+def copy_split(rows: list[dict]) -> dict:
+    """{(task, length): [inside right, inside n, edge right, edge n]} summed over depths: later answer tokens
+    whose source lies inside the chunk of the token before, or starts the next chunk (rows that have them)."""
+    sums: dict = {}
+    for r in rows:
+        if "inside_n" in r:
+            s = sums.setdefault((r["task"], r["length"]), [0, 0, 0, 0])
+            for i, key in enumerate(("inside", "inside_n", "edge", "edge_n")):
+                s[i] += r[key]
+    return sums
 
 
 def markdown(rows: list[dict], with_generation: bool) -> str:
@@ -90,6 +104,15 @@ def markdown(rows: list[dict], with_generation: bool) -> str:
                       "|---|" + "---|" * len(lengths)]
             lines += [f"| {t} | " + " | ".join(f"{scale * means[(t, n)]:.{digits}f}" if (t, n) in means else ""
                                                for n in lengths) + " |" for t in tasks]
+    copies = copy_split(rows)
+    if copies:
+        pct = lambda right, n: f"{100 * right / n:.1f}" if n else "-"  # noqa: E731
+        lines += ["", "Later answer tokens right, %: copied from inside the previous token's memory chunk / from "
+                  "the start of the next chunk (how many)", "",
+                  "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        lines += [f"| {t} | " + " | ".join(f"{pct(c[0], c[1])} / {pct(c[2], c[3])} ({c[1]} / {c[3]})"
+                                           if (c := copies.get((t, n))) else "" for n in lengths) + " |"
+                  for t in dict.fromkeys(t for t, _ in copies)]
     ppl = [r for r in rows if r["task"] == "perplexity"]
     if ppl:
         lines += ["", "Held-out perplexity and last-window loss", "", "| length | n | perplexity | mean NLL | last-window NLL |",
