@@ -262,7 +262,7 @@ def _eval(tmp_path, out, *extra):
 
 
 @pytest.mark.slow
-def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees(tmp_path):
+def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees(tmp_path, capsys):
     first = _eval(tmp_path, "a")
     assert "[eval] s_niah L=512 depth=0%: teacher-forced" in first.stdout
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -288,6 +288,16 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
         assert (cell["inside"], cell["edge"]) == (sum(c and not e for c, e in split), sum(c and e for c, e in split))
     assert "Mean NLL per answer token" in table and "First answer token right" in table
     assert "Later answer tokens right" in table  # tiny.yaml's chunk memory (chunk 32): the copy split
+    # benchmarks/answer_copies.py regenerates the same keys and counts the same later tokens
+    from benchmarks.answer_copies import main as answer_copies
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus/text.jsonl").write_text(json.dumps({"text": "a few words of training text"}) + "\n")
+    assert answer_copies([str(tmp_path / "a"), "--chunk_size", "32", "--corpus", str(tmp_path / "corpus")]) == 0
+    counted = [re.findall(r"\((\d+)\)|\| -", line) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| <") or line.startswith("| 1") or line.startswith("| >")]
+    edges = [e for r in rows if r["task"] == "s_niah" for e in r["copy_starts_chunk"]]
+    assert [sum(int(c[i] or 0) for c in counted) for i in (0, 1)] == [edges.count(False), edges.count(True)]
     for r in (r for r in rows if r["task"] != "perplexity"):  # the per-token detail adds up to the sample's
         assert len(r["answer_token_nll"]) == len(r["answer_token_correct"]) > 0
         assert abs(sum(r["answer_token_nll"]) / len(r["answer_token_nll"]) - r["answer_nll"]) < 2e-3
