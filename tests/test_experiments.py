@@ -17,6 +17,7 @@ VARIANTS = {  # the resolved keys each file may (and must) change, besides its o
     "swa": ["model.config.n_layers", "model.layout"],
     "hsa_rope": ["model.config.position_in_hsa"],
     "fusion_stick_breaking": ["model.config.fusion"],
+    "fusion_joint_scored": ["model.config.fusion"],
     "fusion_joint": ["model.config.fusion", "model.attention", "data.init_args.tokens_per_batch",
                      "trainer.accumulate_grad_batches"],
     "window_2048": ["model.config.window"],

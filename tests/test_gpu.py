@@ -85,23 +85,24 @@ def test_triton_bf16_matches_fp32_reference_and_is_deterministic(L, G, D, K):
 def test_triton_joint_softmax_bf16_matches_fp32_reference_and_is_deterministic(G, S, K):
     from hsa_lightning.kernels.hsa import joint_chunk_attention_reference
     from hsa_lightning.kernels.hsa.joint import joint_chunk_attention
-    from hsa_lightning.kernels.retrieval import retrieval_scores, select_chunks
+    from hsa_lightning.kernels.retrieval import fusion_weights, retrieval_scores, select_chunks
 
     torch.manual_seed(0)
     L, H, D = 4096, 8, 64
     hkv = H // G
     q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, L, hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    q_slc = torch.randn(1, L, hkv, 32, device="cuda")
-    idx, valid = select_chunks(retrieval_scores(q_slc, torch.randn(1, L // S, hkv, 32, device="cuda"), S), K)
+    scores = retrieval_scores(torch.randn(1, L, hkv, 32, device="cuda"), torch.randn(1, L // S, hkv, 32, device="cuda"), S)
+    idx, valid = select_chunks(scores, K)
+    w = fusion_weights(scores, idx, valid).requires_grad_()  # joint_scored's weights (joint's mask is a case)
     do = torch.randn_like(q)
-    grads = torch.autograd.grad(joint_chunk_attention(q, k, v, valid, idx, S), (q, k, v), do)
-    full = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = joint_chunk_attention_reference(*full, valid, idx, S)
-    assert rel_err(joint_chunk_attention(q, k, v, valid, idx, S), ref) < 1e-2
-    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, full, do.float())):
+    grads = torch.autograd.grad(joint_chunk_attention(q, k, v, w, idx, S), (q, k, v, w), do)
+    full = [t.detach().float().requires_grad_() for t in (q, k, v, w)]
+    ref = joint_chunk_attention_reference(*full[:3], full[3], idx, S)
+    assert rel_err(joint_chunk_attention(q, k, v, w, idx, S), ref) < 1e-2
+    for name, a, b in zip("qkvw", grads, torch.autograd.grad(ref, full, do.float())):
         assert rel_err(a, b) < 1e-2, name
-    again = torch.autograd.grad(joint_chunk_attention(q, k, v, valid, idx, S), (q, k, v), do)
+    again = torch.autograd.grad(joint_chunk_attention(q, k, v, w, idx, S), (q, k, v, w), do)
     assert all(torch.equal(a, b) for a, b in zip(grads, again))  # no atomics: bit-identical
 
 

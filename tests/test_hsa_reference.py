@@ -26,7 +26,7 @@ def naive_hsa(q_slc, lmk, q, k, v, S, top_k, fusion, recency=None):
                 s = scores[chosen]
                 if recency is not None:
                     s = s + torch.arange(len(chosen), dtype=s.dtype) * recency
-                if fusion == "softmax":
+                if fusion in ("softmax", "joint_scored"):
                     w = torch.softmax(s, 0)
                 elif fusion == "stick_breaking":
                     sig = torch.sigmoid(s)
@@ -34,10 +34,13 @@ def naive_hsa(q_slc, lmk, q, k, v, S, top_k, fusion, recency=None):
                 outs = []
                 for g in range(G):
                     qh = q[b, t, h * G + g]
-                    if fusion == "joint":
+                    if fusion in ("joint", "joint_scored"):  # one softmax over the chosen chunks' keys
                         keys = torch.cat([k[b, c * S:(c + 1) * S, h] for c in chosen.tolist()])
                         vals = torch.cat([v[b, c * S:(c + 1) * S, h] for c in chosen.tolist()])
-                        outs.append(torch.softmax(keys @ qh / math.sqrt(D), 0) @ vals)
+                        logits = keys @ qh / math.sqrt(D)
+                        if fusion == "joint_scored":  # each chunk's keys get its (recency-biased) score
+                            logits = logits + s.repeat_interleave(S)
+                        outs.append(torch.softmax(logits, 0) @ vals)
                         continue
                     o = torch.zeros(D, dtype=q.dtype)
                     for j, c in enumerate(chosen.tolist()):
@@ -52,8 +55,8 @@ def vectorised_hsa(q_slc, lmk, q, k, v, S, top_k, fusion, recency=None):
     scores = retrieval_scores(q_slc, lmk, S)
     idx, valid = select_chunks(scores, top_k)
     w = fusion_weights(scores, idx, valid, fusion, recency)
-    if fusion == "joint":
-        return joint_chunk_attention_reference(q, k, v, valid, idx, S)
+    if fusion in ("joint", "joint_scored"):
+        return joint_chunk_attention_reference(q, k, v, w, idx, S)
     return hsa_attention_reference(q, k, v, w, idx, S)
 
 
@@ -74,7 +77,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("fusion", ["softmax", "stick_breaking", "joint"])
+@pytest.mark.parametrize("fusion", ["softmax", "stick_breaking", "joint", "joint_scored"])
 @pytest.mark.parametrize("B,T,H,Hkv,S,top_k", CASES)
 def test_reference_matches_naive_loop_outputs_and_gradients(B, T, H, Hkv, S, top_k, fusion):
     inputs = make_inputs(B, T, H, Hkv, 6, 5, S)
@@ -92,7 +95,7 @@ def test_reference_matches_naive_loop_outputs_and_gradients(B, T, H, Hkv, S, top
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("fusion", ["softmax", "stick_breaking"])
+@pytest.mark.parametrize("fusion", ["softmax", "stick_breaking", "joint_scored"])
 def test_retrieval_query_and_landmarks_get_nonzero_gradient_through_weights(fusion):
     q_slc, lmk, q, k, v = make_inputs(1, 40, 4, 1, 6, 5, 8)
     out = vectorised_hsa(q_slc, lmk, q, k, v, 8, 2, fusion)

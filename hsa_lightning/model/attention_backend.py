@@ -30,7 +30,7 @@ from hsa_lightning.kernels.retrieval import retrieval_scores, select_chunks
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.registry import Registry, kind_registry
 
-FUSIONS = ("softmax", "stick_breaking", "joint")
+FUSIONS = ("softmax", "stick_breaking", "joint", "joint_scored")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Selection:
 
     indices: torch.Tensor  # (B, T, Hkv, K) int64; padding slots hold a valid index and weight 0
     weights: torch.Tensor  # (B, T, Hkv, K) float32 fusion weights
-    joint: bool = False  # ablation: one softmax over the union of the selected chunks, weights = slot mask
+    joint: bool = False  # ablation: one softmax over the union of the selected chunks, log weights added
 
 
 class AttentionBackend:

@@ -36,8 +36,10 @@ class ModelConfig:
     """Total width of the retrieval query/landmark over all retrieval heads; default d_model."""
     landmark: Literal["encoder", "mean"] = "encoder"
     """``encoder``: bidirectional layer + CLS per chunk. ``mean``: mean-pooled chunk (ablation)."""
-    fusion: Literal["softmax", "stick_breaking", "joint"] = "softmax"
-    """How the selected chunks' outputs are combined (softmax over the selected scores is the paper's)."""
+    fusion: Literal["softmax", "stick_breaking", "joint", "joint_scored"] = "softmax"
+    """How the selected chunks' outputs are combined (softmax over the selected scores is the paper's;
+    ``joint``: one softmax over the union of their keys, as MoBA; ``joint_scored``: the same with each
+    chunk's retrieval score added to its keys' logits, so retrieval still learns; neither is the paper's)."""
     gumbel_noise: bool = False
     """Add Gumbel noise to the scores used for selection (training only; never to the weights)."""
     recency_bias: bool = False

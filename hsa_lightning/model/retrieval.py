@@ -39,4 +39,4 @@ class Retrieval(nn.Module):
         indices, valid, selected = self.backend.select(q, landmarks, top_k, self.chunk_size, gumbel,
                                                        **with_doc_start(doc_start), **with_query_start(query_start))
         weights = weights_from_selected(selected, valid, self.fusion, self.recency)
-        return Selection(indices=indices, weights=weights, joint=self.fusion == "joint")
+        return Selection(indices=indices, weights=weights, joint=self.fusion in ("joint", "joint_scored"))

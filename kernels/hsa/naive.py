@@ -58,15 +58,18 @@ def joint_chunk_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    valid: torch.Tensor,
+    weights: torch.Tensor,
     indices: torch.Tensor,
     chunk_size: int,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Ablation (NSA/MoBA-style): one softmax over the union of the valid selected chunks' keys.
+    """Ablation (NSA/MoBA-style): one softmax over the union of the selected chunks' keys, each slot's
+    logits shifted by the log of its weight.
 
-    ``valid`` (B, T, Hkv, K) marks real slots; a token with no valid slot gets output 0. The
-    retrieval scores do not enter, so retrieval learns nothing through this path (as in MoBA).
+    ``weights`` (B, T, Hkv, K) >= 0; a slot of weight 0 is padding, and a token with no real slot gets
+    output 0. Fusion ``joint`` passes the slot mask (all shifts 0: the retrieval scores do not enter and
+    retrieval learns nothing through this path, as in MoBA); ``joint_scored`` passes the softmax fusion
+    weights, so each chunk's keys compete with its retrieval score added (the softmax's normaliser cancels).
     """
     B, T, H, D = q.shape
     Hkv = k.shape[2]
@@ -77,6 +80,9 @@ def joint_chunk_attention_reference(
     ks = torch.stack([_gather_chunk(k, indices[..., j], S) for j in range(K)], dim=3).to(acc_dtype)
     vs = torch.stack([_gather_chunk(v, indices[..., j], S) for j in range(K)], dim=3).to(acc_dtype)
     logits = torch.einsum("bthgd,bthksd->bthgks", qg, ks) * scale
+    valid = weights > 0
+    prior = torch.log(torch.where(valid, weights, torch.ones_like(weights))).to(acc_dtype)
+    logits = logits + prior[:, :, :, None, :, None]
     any_valid = valid.any(-1)  # (B, T, Hkv)
     # A row without a valid slot attends to slot 0 and is zeroed afterwards: no NaN reaches backward.
     attend = valid.clone()

@@ -73,7 +73,8 @@ def weights_from_selected(
 
     ``softmax`` (the paper): softmax over the selected scores. ``stick_breaking`` (RAMba):
     w_k = sigmoid(s_k) * prod_{j<k} (1 - sigmoid(s_j)) in recency order. ``joint``: the slot mask;
-    attention then takes one softmax over the union. ``recency`` (a scalar tensor) adds slot_rank * recency
+    attention then takes one softmax over the union. ``joint_scored``: the softmax weights, which that
+    union softmax adds (as logs) to each chunk's logits. ``recency`` (a scalar tensor) adds slot_rank * recency
     to the selected scores. Gradients reach the scores, hence q_slc and the landmarks, only through here.
     """
     if rule == "joint":
@@ -81,7 +82,7 @@ def weights_from_selected(
     if recency is not None:
         rank = torch.arange(s.shape[-1], device=s.device, dtype=s.dtype)
         s = s + rank * recency.to(s.dtype)
-    if rule == "softmax":
+    if rule in ("softmax", "joint_scored"):
         m = torch.where(valid, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
         e = torch.exp(torch.where(valid, s, m) - m) * valid
@@ -91,5 +92,5 @@ def weights_from_selected(
         remaining = torch.cumsum(F.logsigmoid(-s) * valid, dim=-1) - F.logsigmoid(-s) * valid
         w = torch.exp(F.logsigmoid(s) + remaining) * valid
     else:
-        raise ValueError(f"fusion rule {rule!r} is not one of softmax, stick_breaking, joint")
+        raise ValueError(f"fusion rule {rule!r} is not one of softmax, stick_breaking, joint, joint_scored")
     return w if w.dtype == torch.float64 else w.to(torch.float32)

@@ -19,7 +19,7 @@ class HSAReference(AttentionBackend):
         # documents are already respected: the selection holds no chunk of another document
         if selection.joint:
             return joint_chunk_attention_reference(
-                q, memory.k, memory.v, selection.weights > 0, selection.indices, memory.chunk_size
+                q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size
             )
         return hsa_attention_reference(
             q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size

@@ -32,7 +32,7 @@ class HSATriton(AttentionBackend):
     requires = ("triton",)
     devices = frozenset({"cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
-    fusions = frozenset({"softmax", "stick_breaking", "joint"})
+    fusions = frozenset({"softmax", "stick_breaking", "joint", "joint_scored"})
     masks_documents = True
     incremental = True
 
@@ -78,7 +78,7 @@ class HSATriton(AttentionBackend):
         if selection.joint:
             from hsa_lightning.kernels.hsa.joint import joint_chunk_attention
 
-            return joint_chunk_attention(q, memory.k, memory.v, selection.weights > 0, selection.indices,
+            return joint_chunk_attention(q, memory.k, memory.v, selection.weights, selection.indices,
                                          memory.chunk_size)
         # The kernel family follows the memory (one landmark per chunk), not the K/V passed in: offloaded
         # inference passes the union of all rows' selected chunks and must compute what resident inference does.
