@@ -92,7 +92,8 @@ def test_triton_joint_softmax_bf16_matches_fp32_reference_and_is_deterministic(G
     hkv = H // G
     q = torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(1, L, hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    scores = retrieval_scores(torch.randn(1, L, hkv, 32, device="cuda"), torch.randn(1, L // S, hkv, 32, device="cuda"), S)
+    q_slc, landmarks = torch.randn(1, L, hkv, 32, device="cuda"), torch.randn(1, L // S, hkv, 32, device="cuda")
+    scores = retrieval_scores(q_slc, landmarks, S)
     idx, valid = select_chunks(scores, K)
     w = fusion_weights(scores, idx, valid).requires_grad_()  # joint_scored's weights (joint's mask is a case)
     do = torch.randn_like(q)

@@ -8,9 +8,9 @@ chunk in two slots counts with both weights, as there), output 0 for a token wit
 The work is laid out as ``parallel.py``'s token-centric kernels: a block of BT tokens x the G query heads
 of one KV head visits the union of its tokens' chunks, a row weighting each chunk by the weights of the
 slots its token picked it in. Across chunks the softmax runs online (FlashAttention's rescaling), and the
-forward saves one log-sum-exp per row. The backward recomputes P from it: dQ in the same token-block
-visit (and dw, as the softmax-fusion kernels do), dK/dV in one program per chunk (or work item) over the entries that picked it, whose partials
-``parallel``'s reduce kernel adds in item order: no atomics, bit-identical gradients.
+forward saves one log-sum-exp per row. The backward recomputes P from it: dQ and dw in the same
+token-block visit, dK/dV in one program per chunk (or work item) over the entries that picked it, whose
+partials ``parallel``'s reduce kernel adds in item order: no atomics, bit-identical gradients.
 """
 from __future__ import annotations
 
