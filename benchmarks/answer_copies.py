@@ -3,7 +3,8 @@
 Regenerates each S-NIAH sample of a ``LengthEval`` folder from its settings (the same tokenizer and haystack
 must be on disk: every key is checked against the recorded answer), then tabulates the later answer tokens
 (each copies the successor of the one before) by how often the token occurs in a training corpus and by
-whether its source starts a new memory chunk. Prints a markdown table.
+whether its source starts a new memory chunk; the first answer token (finding the needle) beside them, by
+count. Prints a markdown table.
 
     python benchmarks/answer_copies.py docs/results/c16_seed1_again --chunk_size 16 --corpus data/demo/train
 """
@@ -62,16 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         if tok.decode(key) != r["answers"][0]:
             sys.exit(f"error: sample {r['length']}/{r['depth']}/{r['index']} regenerates another key: the tokenizer "
                      f"or haystack on disk is not the one {folder} was evaluated with")
-        for i in range(1, len(key)):
-            where = "starts a chunk" if s["answer_sources"][i] % args.chunk_size == 0 else "inside a chunk"
+        for i in range(len(key)):
+            where = ("first" if i == 0 else
+                     "starts a chunk" if s["answer_sources"][i] % args.chunk_size == 0 else "inside a chunk")
             cell = cells[(band(int(counts[key[i]])), where)]
             cell[0] += r["answer_token_correct"][i]
             cell[1] += 1
-    print(f"Later S-NIAH answer tokens right, % (n), {folder}: by the token's count in {args.corpus} "
-          f"({int(counts.sum()):,} tokens) and by its source's place in the chunk of {args.chunk_size}\n")
-    print("| count in the corpus | inside a chunk | starts a chunk |\n|---|---|---|")
+    print(f"S-NIAH answer tokens right, % (n), {folder}: by the token's count in {args.corpus} "
+          f"({int(counts.sum()):,} tokens); later tokens also by their source's place in the chunk of "
+          f"{args.chunk_size}\n")
+    print("| count in the corpus | first token | later, inside a chunk | later, starts a chunk |\n|---|---|---|---|")
     for _, _, name in BANDS:
-        row = [cells.get((name, w)) for w in ("inside a chunk", "starts a chunk")]
+        row = [cells.get((name, w)) for w in ("first", "inside a chunk", "starts a chunk")]
         print(f"| {name} | " + " | ".join(f"{100 * c / n:.0f} ({n})" if (c, n) != (0, 0) else "-"
                                          for c, n in (x or (0, 0) for x in row)) + " |")
     return 0

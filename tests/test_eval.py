@@ -297,7 +297,8 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
     counted = [re.findall(r"\((\d+)\)|\| -", line) for line in capsys.readouterr().out.splitlines()
                if line.startswith("| <") or line.startswith("| 1") or line.startswith("| >")]
     edges = [e for r in rows if r["task"] == "s_niah" for e in r["copy_starts_chunk"]]
-    assert [sum(int(c[i] or 0) for c in counted) for i in (0, 1)] == [edges.count(False), edges.count(True)]
+    firsts = sum(r["task"] == "s_niah" for r in rows)
+    assert [sum(int(c[i] or 0) for c in counted) for i in (0, 1, 2)] == [firsts, edges.count(False), edges.count(True)]
     for r in (r for r in rows if r["task"] != "perplexity"):  # the per-token detail adds up to the sample's
         assert len(r["answer_token_nll"]) == len(r["answer_token_correct"]) > 0
         assert abs(sum(r["answer_token_nll"]) / len(r["answer_token_nll"]) - r["answer_nll"]) < 2e-3
