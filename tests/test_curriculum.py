@@ -51,6 +51,8 @@ def test_self_copy_share_copies_only_the_first_rows():
     assert torch.equal(out["input_ids"][2:], x[2:]) and torch.equal(out["labels"][2:], x[2:] + 1)
     assert out["doc_start"][:2].eq(0).all() and torch.equal(out["doc_start"][2:], batch["doc_start"][2:])
     assert torch.equal(batch["input_ids"], x)  # the input batch is left as it was
+    odd = plugin("curriculum", "SelfCopy", copy_share=0.5).transform({"input_ids": x[:, :7], "labels": x[:, :7] + 1})
+    assert odd["input_ids"][0].tolist()[:6] == [1, 2, 3, 1, 2, 3] and odd["labels"][0].tolist() == [2, 3, 1, 2, 3, 4, -100]
     with pytest.raises(ConfigError, match=r"curriculum stage SelfCopy copy_share=0 must be within \(0, 1\]"):
         plugin("curriculum", "SelfCopy", copy_share=0)
 

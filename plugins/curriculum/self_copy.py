@@ -39,8 +39,9 @@ class SelfCopy(CurriculumStage):
             head = torch.cat([labels[:rows, : half - 1], first[:, :1]], dim=1)
         out = dict(batch)
         out["input_ids"], out["labels"] = x.clone(), labels.clone()
-        out["input_ids"][:rows] = torch.cat([first, first], dim=1)
-        out["labels"][:rows] = torch.cat([head, labels[:rows, :half]], dim=1)
+        out["input_ids"][:rows, :2 * half] = torch.cat([first, first], dim=1)
+        out["labels"][:rows, :2 * half] = torch.cat([head, labels[:rows, :half]], dim=1)
+        out["labels"][:rows, 2 * half:] = IGNORE_INDEX  # an odd length's last position has nothing to copy
         if "doc_start" in batch:  # a copied sequence is one document: the copy must see across the split
             out["doc_start"] = batch["doc_start"].clone()
             out["doc_start"][:rows] = 0
