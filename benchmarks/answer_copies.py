@@ -21,12 +21,14 @@ import numpy as np
 BANDS = ((0, 10, "< 10"), (10, 100, "10-99"), (100, 1000, "100-999"), (1000, None, ">= 1000"))
 
 
-def token_counts(tok, corpus: Path) -> np.ndarray:
-    """Occurrences of every token id in the ``text`` of the corpus's JSONL files."""
+def token_counts(tok, corpus: str) -> np.ndarray:
+    """Occurrences of every token id in the corpus's documents (files, folders or globs, read as
+    ``hsa_lightning.data`` reads them to train the tokenizer)."""
+    from hsa_lightning.data.corpus import find_sources, read_documents
+
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
-    for path in sorted(corpus.glob("*.jsonl")):
-        texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
-        for ids in tok.encode_batch(texts):
+    for path in find_sources([corpus]):
+        for ids in tok.encode_batch(list(read_documents(path))):
             np.add.at(counts, np.asarray(ids, dtype=np.int64), 1)
     return counts
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("eval_dir", help="a LengthEval output folder (results.json, samples.jsonl)")
     p.add_argument("--chunk_size", type=int, required=True, help="the model's memory chunk size")
-    p.add_argument("--corpus", default="data/demo/train", help="folder of the training text (*.jsonl)")
+    p.add_argument("--corpus", default="data/demo/train", help="the training text: files, a folder or a glob")
     args = p.parse_args(argv)
     from hsa_lightning.data.tokenizer import load_tokenizer
     from hsa_lightning.eval.datamodule import Cell, LengthEvalData
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                           depth_tasks=["s_niah"], lengths=[1024], ppl_lengths=[])
     data.setup("test")
     tok = load_tokenizer(settings["tokenizer"])
-    counts = token_counts(tok, Path(args.corpus))
+    counts = token_counts(tok, args.corpus)
     cells: dict = defaultdict(lambda: [0, 0])
     for line in (folder / "samples.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)

@@ -141,7 +141,7 @@ class LengthEval(Callback):
                       answer_token_correct=correct.tolist(),
                       needle_starts=batch["needle_starts"])
         sums = {"tf": float(tf), "first": float(correct[0]), "nll": float(nll), "tokens": answer.numel()}
-        sources = batch.get("answer_sources") or []
+        sources = batch["answer_sources"]
         if self.chunk_size and sources:
             # a later answer token copies the successor of the previous one: inside the same chunk of the
             # memory, or the first token of the next chunk (its source starts a chunk)

@@ -34,7 +34,7 @@ def summarise(totals: dict, cells: list, generation: bool) -> list[dict]:
         else:
             row.update(tf_correct=int(t["tf"]), tf_acc=t["tf"] / max(n, 1), tf_ci=list(wilson_interval(t["tf"], n)),
                        answer_nll=t["nll"] / max(t["tokens"], 1), first_acc=t["first"] / max(n, 1))
-            if t.get("inside_n", 0) + t.get("edge_n", 0):  # answers copied from a needle, through a chunk memory
+            if t["inside_n"] + t["edge_n"]:  # answers copied from a needle, through a chunk memory
                 row.update({k: int(t[k]) for k in ("inside", "inside_n", "edge", "edge_n")})
             if generation:
                 row.update(string_match=t["gen"] / max(n, 1), string_match_ci=list(mean_interval(t["gen"], t["gen_sq"], n)))
