@@ -43,13 +43,14 @@ def _fwd_by_chunk_kernel(
     """OP[b, token, slot, head] = w * softmax(q K_c^T) V_c for every entry (token, slot) of chunk c."""
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    c, start, end, _ = _work_item(TABLE, stb, sth, tl.program_id(0), b, h)
+    # distinct names, not `_`: compiled Triton types a name once per scope (the interpreter does not care)
+    c, start, end, _slot = _work_item(TABLE, stb, sth, tl.program_id(0), b, h)
     if c >= 0:
-        _, k, v = _chunk_kv(Kmem, V, b, h, c, skb, skt, skh, S, D)
+        _kv_off, k, v = _chunk_kv(Kmem, V, b, h, c, skb, skt, skh, S, D)
         kt = tl.trans(k)  # (D, S)
         e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
         for e0 in range(start, end, BR):
-            _, sel, w, _, tok_row, row_ok, head, _, q = _entry_rows(
+            _tok, sel, w, _ok, tok_row, row_ok, head, _row_off, q = _entry_rows(
                 Q, e_base, W, e0, end, b, h, swb, swt, swh, sqb, sqt, sqh, BR, KSEL, G, G_PAD, D)
             p = _chunk_softmax(q, kt, scale)
             o = tl.dot(p.to(v.dtype), v) * _rows_from_tokens(w, BR, G_PAD)[:, None]
