@@ -37,6 +37,18 @@ def test_segmented_prefill_then_decode_equals_full_forward(attention, layout):
     torch.testing.assert_close(torch.cat([head, decoded], 1), full, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("fusion", ["stick_breaking", "joint", "joint_scored"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_every_fusion_prefills_and_decodes_as_the_full_forward(fusion, offload):
+    model = build_model("HSAReference", ("UltraLong", {"groups": 2}), fusion=fusion).eval()
+    x = torch.randint(0, 64, (2, 77))
+    full = model(x)
+    e = engine(model, segment_len=5, offload=offload)
+    head = e.prefill(x[:, :40], last=None)
+    decoded = torch.stack([e.step(x[:, t]) for t in range(40, 77)], 1)
+    torch.testing.assert_close(torch.cat([head, decoded], 1), full, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: f"{x[0]}{x[1]}")
 def test_suffix_only_scoring_is_exact_and_skips_the_upper_decoder(layout, monkeypatch):
     model = build_model("HSAReference", layout).eval()

@@ -42,7 +42,7 @@ def _joint_fwd_kernel(
     h = tl.program_id(1) % HKV
     d = tl.arange(0, D)
     tok, row_ok, head, row_off, q = _block_queries(Q, sqb, sqt, sqh, pid_t, b, h, T, BT, G, G_PAD, D)
-    idx, w, _, _ = _block_picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
+    idx, w, _sel_off, _sel_ok = _block_picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
     m = tl.full((BT * G_PAD,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BT * G_PAD,), dtype=tl.float32)
     acc = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
@@ -134,7 +134,7 @@ def _joint_bwd_dkdv_kernel(
         dv = tl.zeros((S, D), dtype=tl.float32)
         e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
         for e0 in range(start, end, BR):
-            _, _, w, _, tok_row, row_ok, head, row_off, q = _entry_rows(
+            _tok, _sel, w, _ok, tok_row, row_ok, head, row_off, q = _entry_rows(
                 Q, e_base, W, e0, end, b, h, swb, swt, swh, sqb, sqt, sqh, BR, KSEL, G, G_PAD, D)
             do = tl.load(DO + row_off, mask=row_ok[:, None], other=0.0)
             stat_off = b.to(tl.int64) * slb + tok_row * slt + head * slh

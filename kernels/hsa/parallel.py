@@ -234,7 +234,7 @@ def _hsa_fwd_kernel(
     h = tl.program_id(1) % HKV
     d = tl.arange(0, D)
     tok, row_ok, head, row_off, q = _block_queries(Q, sqb, sqt, sqh, pid_t, b, h, T, BT, G, G_PAD, D)
-    idx, w, _, _ = _block_picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
+    idx, w, _sel_off, _sel_ok = _block_picks(IDX, W, b, h, pid_t, swb, swt, swh, T, BT, KSEL, K_PAD)
     acc = tl.zeros((BT * G_PAD, D), dtype=tl.float32)
     u_base = UNION + b.to(tl.int64) * sub + h * suh + pid_t.to(tl.int64) * sun
     n = tl.load(COUNT + b * scb + h * sch + pid_t)
