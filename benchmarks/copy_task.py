@@ -41,7 +41,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ModelConfig field (YAML value), e.g. --set hsa_residual=standard; repeatable")
-    p.add_argument("-o", "--output", help="write the loss curve here as JSON")
+    p.add_argument("--eval-batches", type=int, default=16, help="batches of the accuracy split after training")
+    p.add_argument("-o", "--output", help="write the loss curve and the accuracy split here as JSON")
     args = p.parse_args()
 
     load_plugins()
@@ -60,11 +61,15 @@ def main() -> None:
     print(f"layout {args.layout}, {args.attention}, top-k {args.top_k}, {gaps}; "
           f"chance = ln {vocab} = {math.log(vocab):.3f}")
     print("| step | copy loss | seconds |\n|---|---|---|")
-    curve, start = [], time.time()
-    for step in range(1, args.steps + 1):
+
+    def sample():
         s = torch.randint(0, vocab, (batch, n))
         gap = int(torch.randint(0, args.gap_max, ())) if args.gap_max else 0
-        x = torch.cat([s, torch.randint(0, vocab, (batch, gap)), s, torch.randint(0, vocab, (batch, tail - gap))], 1)
+        return torch.cat([s, torch.randint(0, vocab, (batch, gap)), s, torch.randint(0, vocab, (batch, tail - gap))], 1), gap
+
+    curve, start = [], time.time()
+    for step in range(1, args.steps + 1):
+        x, gap = sample()
         labels = x[:, 1:].clone()
         labels[:, : n + gap] = -100  # score only the tokens of the second copy
         labels[:, 2 * n + gap:] = -100
@@ -77,9 +82,30 @@ def main() -> None:
         if step % 50 == 0:
             curve.append({"step": step, "copy_loss": round(loss.item(), 4)})
             print(f"| {step} | {loss.item():.3f} | {time.time() - start:.0f} |", flush=True)
+    split = copy_accuracy(model, sample, n, cfg.chunk_size, args.eval_batches)
+    print("copy accuracy after training, % (n): " + ", ".join(f"{k} {v['pct']} ({v['n']})" for k, v in split.items()))
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"args": vars(args), "chance": math.log(vocab), "curve": curve}, f, indent=1)
+            json.dump({"args": vars(args), "chance": math.log(vocab), "curve": curve, "accuracy": split}, f, indent=1)
+
+
+@torch.no_grad()
+def copy_accuracy(model, sample, n: int, chunk_size: int, batches: int) -> dict:
+    """Greedy accuracy on the second copy's tokens 1..n-1, split by where the token copied sits in the first
+    copy: inside the chunk of the matched token before it, or at the start of the next chunk (the copy then
+    has to read a chunk the match did not point to)."""
+    model.eval()
+    right = {"inside a chunk": [], "starts a chunk": []}
+    for _ in range(batches):
+        x, gap = sample()
+        pred = model(x)[:, n + gap: 2 * n + gap - 1].argmax(-1)  # predictions of second-copy tokens 1..n-1
+        ok = pred == x[:, 1:n]
+        starts = torch.arange(1, n) % chunk_size == 0  # token j of the first copy sits at position j
+        right["starts a chunk"].append(ok[:, starts].flatten())
+        right["inside a chunk"].append(ok[:, ~starts].flatten())
+    model.train()
+    return {k: {"pct": round(100 * torch.cat(v).float().mean().item(), 1), "n": torch.cat(v).numel()}
+            for k, v in right.items()}
 
 
 def _override(item: str) -> tuple[str, object]:

@@ -43,7 +43,6 @@ def _fwd_by_chunk_kernel(
     """OP[b, token, slot, head] = w * softmax(q K_c^T) V_c for every entry (token, slot) of chunk c."""
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
-    # distinct names, not `_`: compiled Triton types a name once per scope (the interpreter does not care)
     c, start, end, _slot = _work_item(TABLE, stb, sth, tl.program_id(0), b, h)
     if c >= 0:
         _kv_off, k, v = _chunk_kv(Kmem, V, b, h, c, skb, skt, skh, S, D)
