@@ -104,8 +104,8 @@ def copy_accuracy(model, sample, n: int, chunk_size: int, batches: int) -> dict:
         right["starts a chunk"].append(ok[:, starts].flatten())
         right["inside a chunk"].append(ok[:, ~starts].flatten())
     model.train()
-    return {k: {"pct": round(100 * torch.cat(v).float().mean().item(), 1), "n": torch.cat(v).numel()}
-            for k, v in right.items()}
+    right = {k: torch.cat(v) for k, v in right.items()}
+    return {k: {"pct": round(100 * v.float().mean().item(), 1), "n": v.numel()} for k, v in right.items()}
 
 
 def _override(item: str) -> tuple[str, object]:
