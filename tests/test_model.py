@@ -29,7 +29,7 @@ def test_future_tokens_never_change_past_logits(attention, layout):
 
 @pytest.mark.parametrize("fusion", ["stick_breaking", "joint", "joint_scored"])
 @pytest.mark.parametrize("options", [{}, {"landmark": "mean", "recency_bias": True, "hsa_residual": "standard"},
-                                     {"position_in_hsa": True}])
+                                     {"position_in_hsa": True}, {"read_successor": True}])
 def test_causality_holds_for_hsa_options(fusion, options):
     model = build_model(fusion=fusion, **options).eval()
     x = torch.randint(0, 64, (1, 40))

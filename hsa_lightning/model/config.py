@@ -40,6 +40,9 @@ class ModelConfig:
     """How the selected chunks' outputs are combined (softmax over the selected scores is the paper's;
     ``joint``: one softmax over the union of their keys, as MoBA; ``joint_scored``: the same with each
     chunk's retrieval score added to its keys' logits, so retrieval still learns; neither is the paper's)."""
+    read_successor: bool = False
+    """Not the paper's: each selected chunk also brings the chunk after it (when visible), the weight split
+    between the two, so a copy whose next token starts a new chunk can reach it. Doubles HSA's work."""
     gumbel_noise: bool = False
     """Add Gumbel noise to the scores used for selection (training only; never to the weights)."""
     recency_bias: bool = False

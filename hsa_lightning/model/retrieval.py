@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hsa_lightning.kernels.retrieval import weights_from_selected
+from hsa_lightning.kernels.retrieval import weights_from_selected, with_successors
 from hsa_lightning.model.attention_backend import AttentionBackend, Selection, with_doc_start, with_query_start
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.layers import Linear, RMSNorm
@@ -19,7 +19,7 @@ class Retrieval(nn.Module):
         self.heads = cfg.hsa_kv_heads
         self.top_k: int | None = cfg.top_k  # None: every visible chunk (a curriculum's dense warm-up)
         self.chunk_size = cfg.chunk_size
-        self.fusion, self.gumbel_noise = cfg.fusion, cfg.gumbel_noise
+        self.fusion, self.gumbel_noise, self.read_successor = cfg.fusion, cfg.gumbel_noise, cfg.read_successor
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.proj = Linear(cfg.d_model, cfg.resolved_retrieval_dim, cfg.init_std)
         # Learnable recency bias theta (init 0): slot j of the recency-sorted list gets + j * theta.
@@ -39,4 +39,6 @@ class Retrieval(nn.Module):
         indices, valid, selected = self.backend.select(q, landmarks, top_k, self.chunk_size, gumbel,
                                                        **with_doc_start(doc_start), **with_query_start(query_start))
         weights = weights_from_selected(selected, valid, self.fusion, self.recency)
+        if self.read_successor:
+            indices, weights = with_successors(indices, weights, self.chunk_size, query_start)
         return Selection(indices=indices, weights=weights, joint=self.fusion in ("joint", "joint_scored"))

@@ -23,6 +23,7 @@ from hsa_lightning.kernels.hsa.parallel import (_chunk_kv, _chunk_softmax, _entr
                                                 _tuned, _work_item, chunk_csr, dkdv_pass, dkdv_work)
 
 ROWS = 64  # (entry, head) rows per MMA tile
+SUM_TILE = 4096  # elements each program of the slot sum accumulates (tokens x heads x head dim)
 
 
 def entry_rows(group: int) -> tuple[int, int]:
@@ -60,27 +61,29 @@ def _fwd_by_chunk_kernel(
 
 @triton.jit
 def _sum_slots_kernel(P, O, spb, spt, sps, sph, sob, sot, soh, T, H,
-                      KSEL: tl.constexpr, BT: tl.constexpr, D: tl.constexpr):
-    """O[b, t, head] = sum over slots of P[b, t, slot, head], in slot order."""
-    b = tl.program_id(1) // H
-    hq = tl.program_id(1) % H
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    ok = (t < T)[:, None]
-    d = tl.arange(0, D)
-    base = P + b.to(tl.int64) * spb + t.to(tl.int64)[:, None] * spt + hq * sph + d[None, :]
-    acc = tl.zeros((BT, D), dtype=tl.float32)
+                      KSEL: tl.constexpr, BT: tl.constexpr, H_PAD: tl.constexpr, D: tl.constexpr):
+    """O[b, t, head] = sum over slots of P[b, t, slot, head], in slot order. A program owns BT tokens with
+    all their heads, so each slot's load is BT runs of H * D contiguous elements (coalesced)."""
+    b = tl.program_id(1)
+    r = tl.arange(0, BT * H_PAD)
+    t = (tl.program_id(0) * BT + r // H_PAD).to(tl.int64)
+    hq = r % H_PAD
+    ok = ((t < T) & (hq < H))[:, None]
+    d = tl.arange(0, D)[None, :]
+    base = P + b.to(tl.int64) * spb + t[:, None] * spt + hq[:, None] * sph + d
+    acc = tl.zeros((BT * H_PAD, D), dtype=tl.float32)
     for j in range(0, KSEL):
         acc += tl.load(base + j * sps, mask=ok, other=0.0).to(tl.float32)
-    tl.store(O + b.to(tl.int64) * sob + t.to(tl.int64)[:, None] * sot + hq * soh + d[None, :],
-             acc.to(O.dtype.element_ty), mask=ok)
+    tl.store(O + b.to(tl.int64) * sob + t[:, None] * sot + hq[:, None] * soh + d, acc.to(O.dtype.element_ty), mask=ok)
 
 
 def _sum_slots(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     B, T, K, H, D = partial.shape
-    bt = 16
-    _sum_slots_kernel[(triton.cdiv(T, bt), B * H)](
+    h_pad = _pow2(H)
+    bt = max(1, SUM_TILE // (h_pad * D))
+    _sum_slots_kernel[(triton.cdiv(T, bt), B)](
         partial, out, partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), T, H, KSEL=K, BT=bt, D=D,
+        out.stride(0), out.stride(1), out.stride(2), T, H, KSEL=K, BT=bt, H_PAD=h_pad, D=D,
     )
     return out
 

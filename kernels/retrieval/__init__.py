@@ -3,6 +3,7 @@ from hsa_lightning.kernels.retrieval.naive import (
     retrieval_scores,
     select_chunks,
     weights_from_selected,
+    with_successors,
 )
 
-__all__ = ["fusion_weights", "retrieval_scores", "select_chunks", "weights_from_selected"]
+__all__ = ["fusion_weights", "retrieval_scores", "select_chunks", "weights_from_selected", "with_successors"]

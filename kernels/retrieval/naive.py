@@ -94,3 +94,18 @@ def weights_from_selected(
     else:
         raise ValueError(f"fusion rule {rule!r} is not one of softmax, stick_breaking, joint, joint_scored")
     return w if w.dtype == torch.float64 else w.to(torch.float32)
+
+
+def with_successors(indices: torch.Tensor, weights: torch.Tensor, chunk_size: int,
+                    query_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each selected chunk c also brings chunk c + 1 when that one is visible too (not the paper's; config
+    ``read_successor``): (B, T, Hkv, 2K) indices and weights, the K selected slots then their successors,
+    c's weight split evenly between c and c + 1 (kept whole when c + 1 is not visible, so every row's
+    weights still sum as before). A successor that was selected itself appears twice: both fusions add
+    duplicate slots' weights. Document masking needs nothing more: c + 1 starts after c."""
+    t = torch.arange(query_start, query_start + indices.shape[1], device=indices.device)[None, :, None, None]
+    nxt = indices + 1
+    ok = ((nxt + 1) * chunk_size <= t) & (weights > 0)
+    half = weights * 0.5
+    return (torch.cat([indices, torch.where(ok, nxt, indices)], dim=-1),
+            torch.cat([torch.where(ok, half, weights), torch.where(ok, half, torch.zeros_like(weights))], dim=-1))
