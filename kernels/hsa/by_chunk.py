@@ -41,7 +41,11 @@ def _fwd_by_chunk_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, BR: tl.constexpr, S: tl.constexpr, D: tl.constexpr,
     KSEL: tl.constexpr,
 ):
-    """OP[b, token, slot, head] = w * softmax(q K_c^T) V_c for every entry (token, slot) of chunk c."""
+    """OP[b, token, slot, head] = w * softmax(q K_c^T) V_c for every entry (token, slot) of chunk c.
+
+    The next block's entries and queries are loaded before this block's product: they are gathered
+    through the entry list (a dependent load the compiler does not pipeline), and with two small MMAs
+    per block the kernel would otherwise wait on that gather every iteration."""
     b = tl.program_id(1) // HKV
     h = tl.program_id(1) % HKV
     c, start, end, _slot = _work_item(TABLE, stb, sth, tl.program_id(0), b, h)
@@ -49,14 +53,17 @@ def _fwd_by_chunk_kernel(
         _kv_off, k, v = _chunk_kv(Kmem, V, b, h, c, skb, skt, skh, S, D)
         kt = tl.trans(k)  # (D, S)
         e_base = ENTRIES + b.to(tl.int64) * seb + h * seh
+        _tok, sel, w, _ok, tok_row, row_ok, head, _row_off, q = _entry_rows(
+            Q, e_base, W, start, end, b, h, swb, swt, swh, sqb, sqt, sqh, BR, KSEL, G, G_PAD, D)
         for e0 in range(start, end, BR):
-            _tok, sel, w, _ok, tok_row, row_ok, head, _row_off, q = _entry_rows(
-                Q, e_base, W, e0, end, b, h, swb, swt, swh, sqb, sqt, sqh, BR, KSEL, G, G_PAD, D)
+            _tok_n, sel_n, w_n, _ok_n, tok_row_n, row_ok_n, head_n, _row_off_n, q_n = _entry_rows(
+                Q, e_base, W, e0 + BR, end, b, h, swb, swt, swh, sqb, sqt, sqh, BR, KSEL, G, G_PAD, D)
             p = _chunk_softmax(q, kt, scale)
             o = tl.dot(p.to(v.dtype), v) * _rows_from_tokens(w, BR, G_PAD)[:, None]
             sel_row = _rows_from_tokens(sel, BR, G_PAD).to(tl.int64)
             o_off = b.to(tl.int64) * spb + tok_row[:, None] * spt + sel_row[:, None] * sps + head[:, None] * sph
             tl.store(OP + o_off + tl.arange(0, D)[None, :], o.to(OP.dtype.element_ty), mask=row_ok[:, None])
+            sel, w, tok_row, row_ok, head, q = sel_n, w_n, tok_row_n, row_ok_n, head_n, q_n
 
 
 @triton.jit
