@@ -22,8 +22,10 @@ import triton.language as tl
 from hsa_lightning.kernels.hsa.parallel import (_chunk_kv, _chunk_softmax, _entry_rows, _pow2, _rows_from_tokens,
                                                 _tuned, _work_item, chunk_csr, dkdv_pass, dkdv_work)
 
-FWD_ROWS = 128  # (entry, head) rows per MMA tile in the forward (H200, G = 1: 128 beat 64 by 10%)
-BWD_ROWS = 64  # the same in the backward, whose dK/dV accumulators leave less room
+# (entry, head) rows per MMA tile, measured on the H200 at 32K (docs/benchmarks.md, session 10): the
+# forward gains from 128 rows only with one head per entry (G = 1: 6.1 against 6.5 ms; G = 4 loses 6%),
+# the backward with any group (G = 1: 0.7 ms, G = 4: 0.7 ms less)
+FWD_ROWS, FWD_ROWS_ONE_HEAD, BWD_ROWS = 64, 128, 128
 SUM_TILE = 2048  # elements each program of the slot sum accumulates (tokens x heads x head dim)
 
 
@@ -95,7 +97,7 @@ def forward_by_chunk(q, k, v, weights, indices, chunk_size: int, scale: float):
     B, T, H, D = q.shape
     Hkv, K = k.shape[2], indices.shape[-1]
     G = H // Hkv
-    br, g_pad = entry_rows(G, FWD_ROWS)
+    br, g_pad = entry_rows(G, FWD_ROWS_ONE_HEAD if G == 1 else FWD_ROWS)
     entries, offsets = chunk_csr(indices, None, k.shape[1] // chunk_size)
     table = dkdv_work(offsets, T * K, br)[0]
     partial = torch.empty(B, T, K, H, D, device=q.device, dtype=q.dtype)
