@@ -4,7 +4,7 @@ With few query heads per HSA KV head, the token-centric kernels of ``parallel.py
 tile with many tokens, whose selections differ: the tile visits the union of their chunks (2-3x k at
 G = 1) and most of each K/V tile's rows are masked out. Here a program owns one chunk (or one slice of
 the tokens that picked it, for popular chunks, from the work table ``dkdv_work`` builds): it loads the
-chunk's K and V once and runs them against 64 rows of (token, slot) entries that all picked it, read
+chunk's K and V once and runs them against tiles of 64-128 (token, slot) rows that all picked it, read
 from the inverse index ``chunk_csr`` builds (every slot, zero weights included, since their dw counts).
 No row is wasted; the price is one partial output per (token, slot), written once and summed over the
 slots by a second pass in slot order (deterministic, no atomics).
