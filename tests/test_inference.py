@@ -37,11 +37,11 @@ def test_segmented_prefill_then_decode_equals_full_forward(attention, layout):
     torch.testing.assert_close(torch.cat([head, decoded], 1), full, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("fusion", ["stick_breaking", "joint", "joint_scored", "joint_scored+read_successor"])
+@pytest.mark.parametrize("fusion,options", [("stick_breaking", {}), ("joint", {}), ("joint_scored", {}),
+                                            ("joint_scored", {"read_successor": True})], ids=str)
 @pytest.mark.parametrize("offload", [False, True])
-def test_every_fusion_prefills_and_decodes_as_the_full_forward(fusion, offload):
-    fusion, _, option = fusion.partition("+")
-    model = build_model("HSAReference", ("UltraLong", {"groups": 2}), fusion=fusion, **({option: True} if option else {})).eval()
+def test_every_fusion_prefills_and_decodes_as_the_full_forward(fusion, options, offload):
+    model = build_model("HSAReference", ("UltraLong", {"groups": 2}), fusion=fusion, **options).eval()
     x = torch.randint(0, 64, (2, 77))
     full = model(x)
     e = engine(model, segment_len=5, offload=offload)

@@ -87,11 +87,11 @@ def test_custom_op_agrees_with_its_fake_implementation():
     torch.library.opcheck(joint._joint_op, (q, k, v, w, idx, 16, 0.25))
 
 
-@pytest.mark.parametrize("fusion", ["joint", "joint_scored", "joint_scored+read_successor"])
-def test_model_with_joint_fusion_on_hsatriton_matches_hsareference(fusion):
-    fusion, _, option = fusion.partition("+")  # read_successor: duplicate chunks among the 2K slots
+@pytest.mark.parametrize("fusion,options", [("joint", {}), ("joint_scored", {}),
+                                            ("joint_scored", {"read_successor": True})], ids=str)  # duplicate chunks
+def test_model_with_joint_fusion_on_hsatriton_matches_hsareference(fusion, options):
     kw = dict(dtype=torch.float32, chunk_size=16, d_model=64, head_dim=16, n_heads=4, hsa_kv_heads=1, top_k=2,
-              fusion=fusion, **({option: True} if option else {}))
+              fusion=fusion, **options)
     ref = build_model("HSAReference", ("UltraLong", {"groups": 2}), **kw)
     tri = build_model("HSATriton", ("UltraLong", {"groups": 2}), **kw)
     tri.load_state_dict(ref.state_dict())
