@@ -21,6 +21,7 @@ VARIANTS = {  # the resolved keys each file may (and must) change, besides its o
     "fusion_joint": ["model.config.fusion"],
     "read_successor": ["model.config.read_successor"],
     "window_2048": ["model.config.window"],
+    "window_2048_in_warmup": ["model.config.window", STAGES],
     "warmup_none": [STAGES],
     "warmup_self_copy": [STAGES],
     "warmup_self_copy_only": [STAGES],
