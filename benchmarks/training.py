@@ -4,7 +4,9 @@ the small model with HSA (HSATriton, UltraLong layout) against the same dimensio
 
     python -m benchmarks.training --out docs/bench/training.json [--lengths 8192,16384,32768] [--compile 0,1]
 
-bf16 autocast over fp32 weights (the run configs' bf16-mixed), random tokens, a constant number of
+bf16 autocast over fp32 weights (the run configs' bf16-mixed), random token ids (``--text``: the first tokens
+of a prepared shard folder; an untrained model's chunk picks on random ids are as scattered as the kernel
+benchmark's ``random`` pattern, on text they are smoother: docs/benchmarks.md), a constant number of
 tokens per step (batch = tokens_per_step / L), the model prepared as ``configure_model`` does
 (``lit/parallel.py``: per-unit torch.compile when asked, activation checkpointing when asked). MFU =
 ``HSALM.flops_per_token(L)`` x tokens/s / peak (989 TFLOP/s dense bf16 on H100/H200): model FLOPs count
@@ -25,6 +27,7 @@ import os
 import platform
 import time
 from datetime import date
+from typing import Optional
 
 import torch
 import yaml
@@ -46,13 +49,23 @@ def build(config: str, overrides: dict, parallel: ParallelConfig, device) -> HSA
     return prepare(model, parallel)
 
 
+def token_ids(batch: int, L: int, vocab_size: int, device, text: Optional[torch.Tensor]) -> torch.Tensor:
+    """(batch, L + 1) ids: random, or the first tokens of ``text`` (a token stream)."""
+    if text is None:
+        gen = torch.Generator(device=device).manual_seed(0)
+        return torch.randint(0, vocab_size, (batch, L + 1), device=device, generator=gen)
+    need = batch * (L + 1)
+    if len(text) < need:
+        raise SystemExit(f"--text holds {len(text):,} tokens; batch {batch} x (L {L} + 1) needs {need:,}")
+    return text[:need].view(batch, L + 1).to(device)
+
+
 def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int, profile: int = 0,
-            sync_debug: bool = False, trace_gaps: str = "") -> dict:
+            sync_debug: bool = False, trace_gaps: str = "", text: Optional[torch.Tensor] = None) -> dict:
     device = next(model.parameters()).device
     batch = max(tokens_per_step // L, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    gen = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, L + 1), device=device, generator=gen)
+    ids = token_ids(batch, L, model.config.vocab_size, device, text)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -135,14 +148,23 @@ def main() -> None:
     ap.add_argument("--sync_debug", type=int, default=0, help="report the operations that wait for the GPU in one step")
     ap.add_argument("--trace_gaps", default="",
                     help="with --profile: a folder for the traces; blames the GPU's idle gaps on host code")
+    ap.add_argument("--text", default="", help="a prepared shard folder whose first tokens replace the random ids")
+    ap.add_argument("--tokenizer", default="data/demo/tokenizer.json", help="the tokenizer --text was written with")
     ap.add_argument("--out", default="docs/bench/training.json")
     args = ap.parse_args()
+    text = None
+    if args.text:
+        from hsa_lightning.data.shards import stream_tokens
+        from hsa_lightning.data.tokenizer import load_tokenizer
+
+        text = torch.from_numpy(stream_tokens(args.text, load_tokenizer(args.tokenizer)))
     device = torch.device("cuda")
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     meta = {"device": name, "torch": torch.__version__, "python": platform.python_version(), "date": str(date.today()),
             "config": args.config, "tokens_per_step": args.tokens_per_step, "peak_tflops": peak,
             "precision": "bf16 autocast, fp32 weights, fused AdamW, grad clipping",
+            "tokens": f"the first tokens of {args.text}" if args.text else "random ids",
             "command": "python -m benchmarks.training " + " ".join(f"--{k} {v}" for k, v in vars(args).items())}
     rows = []
     for compiled in (bool(int(c)) for c in args.compile.split(",")):
@@ -154,7 +176,7 @@ def main() -> None:
             for L in (int(x) for x in args.lengths.split(",")):
                 row = {"model": variant, "compile": compiled, "L": L, "parameters": model.num_parameters(),
                        **measure(model, L, args.tokens_per_step, args.warmup, args.steps, args.profile,
-                                  bool(args.sync_debug), trace_path(args.trace_gaps, variant, L))}
+                                  bool(args.sync_debug), trace_path(args.trace_gaps, variant, L), text)}
                 row["flops_per_token"] = model.flops_per_token(L)
                 if peak:
                     row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (peak * 1e12)

@@ -334,10 +334,17 @@ def test_fused_lm_loss_on_cuda_matches_fp32_reference_under_bf16_autocast():
         assert a.dtype == torch.float32 and rel_err(a, b) < 2e-2
 
 
-def test_sliding_window_block_mask_on_cuda_gives_the_banded_attention():
+@pytest.mark.parametrize("head_dim", [64, 128])  # 64 runs FLEX_KERNEL_OPTIONS' tiles, 128 FlexAttention's own
+def test_sliding_window_block_mask_on_cuda_gives_the_banded_attention_and_its_gradients(head_dim):
     from hsa_lightning.plugins.attention.hsa_triton import _flex_sliding_window
 
-    q = torch.randn(1, 1024, 4, 64, dtype=torch.float64)
-    k, v = torch.randn(1, 1024, 2, 64, dtype=torch.float64), torch.randn(1, 1024, 2, 64, dtype=torch.float64)
-    out = _flex_sliding_window(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), 300)
-    assert rel_err(out, naive_local_attention(q, k, v, 300)) < 1e-2
+    q = torch.randn(1, 1024, 4, head_dim, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 1024, 2, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    do = torch.randn(1, 1024, 4, head_dim, dtype=torch.float64)
+    inputs = [t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out = _flex_sliding_window(*inputs, 300)
+    want = naive_local_attention(q, k, v, 300)
+    assert rel_err(out, want) < 1e-2
+    got_grads = torch.autograd.grad(out, inputs, do.to("cuda", torch.bfloat16))
+    for got, expected in zip(got_grads, torch.autograd.grad(want, (q, k, v), do)):
+        assert rel_err(got, expected) < 2e-2

@@ -25,6 +25,10 @@ from hsa_lightning.model.config import ModelConfig
 
 MAX_FUSED_TOPK_X_WIDTH = 8192  # top_k * retrieval width the fused select kernel is run with
 FLEX_ALIGN = 128  # FlexAttention's block: lengths it takes (others take the banded SDPA path)
+# FlexAttention kernel tiles by head dim, where measured better than its defaults for the band: D = 64,
+# window 512, 16K tokens on an H200, backward 0.626 instead of 0.775 ms, forward unchanged
+# (benchmarks/flex_window.py, docs/benchmarks.md). Other head dims keep FlexAttention's choice.
+FLEX_KERNEL_OPTIONS = {64: dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=3)}
 
 
 class HSATriton(AttentionBackend):
@@ -136,5 +140,6 @@ def _flex_sliding_window(q, k, v, window):
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     # inside a compiled unit flex_attention joins the unit's graph; eagerly it needs its own compile
     flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
-    out = flex(qh, kh, vh, block_mask=mask, enable_gqa=qh.shape[1] != kh.shape[1])
+    out = flex(qh, kh, vh, block_mask=mask, enable_gqa=qh.shape[1] != kh.shape[1],
+               kernel_options=FLEX_KERNEL_OPTIONS.get(q.shape[-1]))
     return out.transpose(1, 2)
