@@ -24,6 +24,7 @@ import yaml
 
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.hsalm import HSALM
+from hsa_lightning.model.retrieval import Retrieval
 from hsa_lightning.registry import build_plugin, load_plugins
 
 
@@ -84,6 +85,10 @@ def main() -> None:
             print(f"| {step} | {loss.item():.3f} | {time.time() - start:.0f} |", flush=True)
     split = copy_accuracy(model, sample, n, cfg.chunk_size, args.eval_batches)
     print("copy accuracy after training, % (n): " + ", ".join(f"{k} {v['pct']} ({v['n']})" for k, v in split.items()))
+    for k, v in split.items():
+        if "retrieved_pct" in v:
+            print(f"  {k}: the source chunk retrieved {v['retrieved_pct']}%; right {v['pct_when_retrieved']}% when "
+                  f"retrieved, {v['pct_when_missed']}% when not")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"args": vars(args), "chance": math.log(vocab), "curve": curve, "accuracy": split}, f, indent=1)
@@ -93,19 +98,40 @@ def main() -> None:
 def copy_accuracy(model, sample, n: int, chunk_size: int, batches: int) -> dict:
     """Greedy accuracy on the second copy's tokens 1..n-1, split by where the token copied sits in the first
     copy: inside the chunk of the matched token before it, or at the start of the next chunk (the copy then
-    has to read a chunk the match did not point to)."""
+    has to read a chunk the match did not point to). With HSA blocks, also how often some block's retrieval
+    picked the chunk holding the token to copy, and the accuracy when it did and when it did not: a miss
+    there is retrieval's, a miss on a retrieved chunk is the attention's."""
     model.eval()
+    picks: list = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: picks.append(out))
+             for m in model.modules() if isinstance(m, Retrieval)]
     right = {"inside a chunk": [], "starts a chunk": []}
+    found = {"inside a chunk": [], "starts a chunk": []}
+    source_chunk = torch.arange(1, n) // chunk_size  # token j of the first copy sits at position j
+    starts = torch.arange(1, n) % chunk_size == 0
     for _ in range(batches):
         x, gap = sample()
-        pred = model(x)[:, n + gap: 2 * n + gap - 1].argmax(-1)  # predictions of second-copy tokens 1..n-1
-        ok = pred == x[:, 1:n]
-        starts = torch.arange(1, n) % chunk_size == 0  # token j of the first copy sits at position j
-        right["starts a chunk"].append(ok[:, starts].flatten())
-        right["inside a chunk"].append(ok[:, ~starts].flatten())
+        picks.clear()
+        queries = slice(n + gap, 2 * n + gap - 1)  # the positions predicting second-copy tokens 1..n-1
+        ok = model(x)[:, queries].argmax(-1) == x[:, 1:n]
+        hit = torch.zeros_like(ok)
+        for selection in picks:  # (B, T, heads, k) chunk indices; a zero weight marks a padding slot
+            chosen = (selection.indices[:, queries] == source_chunk[None, :, None, None]) & (selection.weights[:, queries] > 0)
+            hit |= chosen.flatten(2).any(-1)
+        for split, where in (("starts a chunk", starts), ("inside a chunk", ~starts)):
+            right[split].append(ok[:, where].flatten())
+            found[split].append(hit[:, where].flatten())
+    for h in hooks:
+        h.remove()
     model.train()
-    right = {k: torch.cat(v) for k, v in right.items()}
-    return {k: {"pct": round(100 * v.float().mean().item(), 1), "n": v.numel()} for k, v in right.items()}
+    out = {}
+    for split in right:
+        ok, hit = torch.cat(right[split]), torch.cat(found[split])
+        pct = lambda t: round(100 * t.float().mean().item(), 1) if t.numel() else None  # noqa: E731
+        out[split] = {"pct": pct(ok), "n": ok.numel()}
+        if picks:
+            out[split].update(retrieved_pct=pct(hit), pct_when_retrieved=pct(ok[hit]), pct_when_missed=pct(ok[~hit]))
+    return out
 
 
 def _override(item: str) -> tuple[str, object]:

@@ -1,6 +1,6 @@
 """Sliding-window attention through FlexAttention: forward and forward+backward milliseconds of the band
 (the block mask ``HSATriton`` builds) for FlexAttention's default kernel tiles and a grid of
-``kernel_options``, at one training shape. ``plugins/attention/hsa_triton.py::FLEX_KERNEL_OPTIONS`` holds
+backward ``kernel_options``, at one training shape. ``plugins/attention/hsa_triton.py::FLEX_BACKWARD_TILES`` holds
 the winners per head dim; this script is how they were chosen (docs/benchmarks.md, issue 7).
 
     python -m benchmarks.flex_window --out docs/bench/flex_window.json [--batch 2 --heads 12 --head_dim 64
@@ -26,8 +26,8 @@ def variants() -> dict[str, dict | None]:
     out: dict[str, dict | None] = {"FlexAttention's default": None}
     for (m1, n1, m2, n2), (warps, stages) in itertools.product(
             ((32, 64, 64, 32), (64, 64, 64, 64), (32, 128, 128, 32), (64, 128, 128, 64)), ((4, 3), (8, 2))):
-        out[f"M1 {m1} N1 {n1} M2 {m2} N2 {n2}, {warps} warps, {stages} stages"] = dict(
-            BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2, num_warps=warps, num_stages=stages)
+        out[f"M1 {m1} N1 {n1} M2 {m2} N2 {n2}, {warps} warps, {stages} stages"] = dict(  # the backward's alone
+            bwd_BLOCK_M1=m1, bwd_BLOCK_N1=n1, bwd_BLOCK_M2=m2, bwd_BLOCK_N2=n2, bwd_num_warps=warps, bwd_num_stages=stages)
     return out
 
 
@@ -43,6 +43,8 @@ def main() -> None:
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/flex_window.py needs a CUDA GPU")
+    if args.length % 128:
+        sys.exit(f"--length {args.length} must be a multiple of 128 (the block mask's tile, as in HSATriton)")
     import triton
     from torch.nn.attention.flex_attention import flex_attention
 

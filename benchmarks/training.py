@@ -57,7 +57,11 @@ def token_ids(batch: int, L: int, vocab_size: int, device, text: Optional[torch.
     need = batch * (L + 1)
     if len(text) < need:
         raise SystemExit(f"--text holds {len(text):,} tokens; batch {batch} x (L {L} + 1) needs {need:,}")
-    return text[:need].view(batch, L + 1).to(device)
+    ids = text[:need]
+    if int(ids.max()) >= vocab_size:
+        raise SystemExit(f"--text holds token id {int(ids.max())}, outside the model's vocab_size {vocab_size}: "
+                         f"pass the --tokenizer it was written with and a config of that vocabulary")
+    return ids.view(batch, L + 1).to(device)
 
 
 def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int, profile: int = 0,
@@ -120,7 +124,11 @@ def measure(model: HSALM, L: int, tokens_per_step: int, warmup: int, steps: int,
         events = prof.key_averages()
         print(events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90))
         print(events.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=90))
-        busy = sum(e.self_device_time_total for e in events) / 1e3 / profile
+        from torch.autograd import DeviceType
+
+        # device-side events only, as the table's own total: CPU-side ops carry their kernels' time too
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e3 / profile
         print(f"GPU busy {busy:.1f} ms per step of {dt * 1e3:.1f} ms wall")
     tokens = batch * L
     return {"batch": batch, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "warmup_s": first,

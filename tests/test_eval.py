@@ -245,6 +245,49 @@ def test_answer_nll_table_weights_depths_by_samples_and_skips_results_written_be
               {**rows[1], "inside": 10, "inside_n": 15, "edge": 1, "edge_n": 3}]
     table = markdown(copies, False).split("Later answer tokens right")[1]
     assert "| s_niah | 71.4 / 33.3 (21 / 3) |" in table  # summed over depths by tokens: 15 / 21 and 1 / 3
+    assert "Retrieval of the chunk" not in markdown(copies, False)  # written before the evaluation recorded it
+    found = [{**copies[0], "found_first": 1, "found": 6, "found_right": 5, "missed_right": 0},
+             {**copies[1], "found_first": 2, "found": 9, "found_right": 8, "missed_right": 3}]
+    table = markdown(found, False).split("Retrieval of the chunk")[1]
+    # first tokens 3 of 4 samples; later tokens (inside and at the edge) 15 of 24 retrieved, 13 of those
+    # right, 3 of the 9 missed right
+    assert "| s_niah | 75.0 / 62.5; 86.7 / 33.3 |" in table
+
+
+def test_source_chunk_watch_reads_each_query_rows_picks_in_the_whole_sequence_and_in_engine_segments():
+    import torch
+
+    from hsa_lightning.eval.source_chunks import SourceChunkWatch
+    from hsa_lightning.model.attention_backend import Selection
+    from hsa_lightning.model.config import ModelConfig
+    from hsa_lightning.model.retrieval import Retrieval
+    from hsa_lightning.registry import build_plugin, load_plugins
+
+    load_plugins()
+    layer = Retrieval(ModelConfig(vocab_size=16, d_model=16, n_layers=2, n_heads=2, chunk_size=4, top_k=2),
+                      build_plugin("attention", "HSAReference"))
+    model = torch.nn.Sequential(layer)
+    # rows r of a call starting at query_start pick chunks (r, r + 1) on head 0 and (r + 2, 0) on head 1,
+    # the last slot of head 1 being padding (weight 0)
+    def picks(x, landmarks, doc_start=None, query_start=0):
+        rows = torch.arange(x.shape[1])[:, None]
+        indices = torch.stack([torch.cat([rows, rows + 1], 1), torch.cat([rows + 2, rows * 0], 1)], 1)
+        weights = torch.tensor([[0.5, 0.5], [1.0, 0.0]]).expand(x.shape[1], 2, 2)
+        return Selection(indices=indices[None], weights=weights[None])
+
+    layer.forward = picks
+    x, landmarks = torch.zeros(1, 5, 16), torch.zeros(1, 3, 16)
+    # positions 1..3 in a call from 0: row 1 has {1, 2, 3}; row 2 has {2, 3, 4}; row 3 has {3, 4, 5}
+    with SourceChunkWatch(model, [1, 2, 3, 3], [1, 4, 0, 6]) as watch:
+        layer(x, landmarks)
+    assert watch.hits.tolist() == [True, True, False, False]  # chunk 0 of row 3 is its padding slot
+    # two engine segments, positions 0-4 then 5-9 (query_start positional, then by keyword); the second
+    # call's row 2 (position 7) picks {2, 3, 4}
+    with SourceChunkWatch(model, [7, 7, 2], [4, 7, 3]) as watch:
+        layer(x, landmarks, None, 0)
+        layer(x, landmarks, query_start=5)
+    assert watch.hits.tolist() == [True, False, True]
+    assert not layer._forward_hooks  # closed: no hook left behind
 
 
 GRID = ["--data.init_args.lengths", "[512, 1024]", "--data.init_args.depths", "[0, 100]",
@@ -286,8 +329,15 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
                  cell["depth"]) for right, edge in zip(r["answer_token_correct"][1:], r["copy_starts_chunk"])]
         assert (cell["inside_n"], cell["edge_n"]) == (sum(not e for _, e in split), sum(e for _, e in split))
         assert (cell["inside"], cell["edge"]) == (sum(c and not e for c, e in split), sum(c and e for c, e in split))
+        mine = [r for r in rows if (r["task"], r["length"], r["depth"]) == ("s_niah", cell["length"], cell["depth"])]
+        assert all(len(r["source_chunk_retrieved"]) == len(r["answer_token_correct"]) for r in mine)
+        found = [(right, hit) for r in mine for right, hit in zip(r["answer_token_correct"][1:], r["source_chunk_retrieved"][1:])]
+        assert cell["found_first"] == sum(r["source_chunk_retrieved"][0] for r in mine)
+        assert (cell["found"], cell["found_right"], cell["missed_right"]) == (
+            sum(h for _, h in found), sum(c and h for c, h in found), sum(c and not h for c, h in found))
     assert "Mean NLL per answer token" in table and "First answer token right" in table
     assert "Later answer tokens right" in table  # tiny.yaml's chunk memory (chunk 32): the copy split
+    assert "Retrieval of the chunk each answer token is copied from" in table
     # benchmarks/answer_copies.py regenerates the same keys and counts the same later tokens
     from benchmarks.answer_copies import main as answer_copies
 
@@ -315,6 +365,7 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
     chunked = [json.loads(line) for line in (tmp_path / "engine/samples.jsonl").read_text().splitlines()]
     for p, c in zip(plain, chunked):
         assert p.get("teacher_forced") == c.get("teacher_forced") and p.get("generation") == c.get("generation")
+        assert p.get("source_chunk_retrieved") == c.get("source_chunk_retrieved")  # the engine's segments too
         for key in ("answer_nll", "nll", "last_nll"):
             if key in p:
                 assert abs(p[key] - c[key]) < 2e-3, (key, p, c)

@@ -342,6 +342,7 @@ def test_sliding_window_block_mask_on_cuda_gives_the_banded_attention_and_its_gr
     k, v = (torch.randn(1, 1024, 2, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
     do = torch.randn(1, 1024, 4, head_dim, dtype=torch.float64)
     inputs = [t.detach().to("cuda", torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    q, k, v = (t.detach().double().cpu().requires_grad_() for t in inputs)  # the reference sees the same bf16 values
     out = _flex_sliding_window(*inputs, 300)
     want = naive_local_attention(q, k, v, 300)
     assert rel_err(out, want) < 1e-2

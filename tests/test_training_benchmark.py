@@ -20,3 +20,8 @@ def test_random_ids_are_reproducible_and_inside_the_vocabulary():
 def test_a_text_too_short_for_the_batch_is_refused_with_the_counts():
     with pytest.raises(SystemExit, match=r"--text holds 10 tokens; batch 2 x \(L 9 \+ 1\) needs 20"):
         token_ids(2, 9, 1000, "cpu", torch.arange(10))
+
+
+def test_a_text_of_another_vocabulary_is_refused_before_it_reaches_the_embedding():
+    with pytest.raises(SystemExit, match="--text holds token id 99, outside the model's vocab_size 50"):
+        token_ids(2, 9, 50, "cpu", torch.arange(99, -1, -1))

@@ -32,11 +32,12 @@ from hsa_lightning.errors import ConfigError
 from hsa_lightning.eval.datamodule import Cell, LengthEvalData
 from hsa_lightning.eval.report import summarise, write_report
 from hsa_lightning.eval.scoring import answer_token_correct, string_match_all
+from hsa_lightning.eval.source_chunks import SourceChunkWatch
 from hsa_lightning.inference import InferenceEngine
 from hsa_lightning.model.blocks import HSABlock
 
-SUMS = ("n", "tf", "first", "inside", "inside_n", "edge", "edge_n", "gen", "gen_sq", "nll", "tokens", "last_nll",
-        "last_tokens")
+SUMS = ("n", "tf", "first", "inside", "inside_n", "edge", "edge_n", "found_first", "found", "found_right",
+        "missed_right", "gen", "gen_sq", "nll", "tokens", "last_nll", "last_tokens")
 
 
 class LengthEval(Callback):
@@ -129,7 +130,11 @@ class LengthEval(Callback):
     def _score_task(self, model, batch: dict) -> dict:
         ids, a, e = batch["input_ids"], batch["answer_start"], batch["answer_end"]
         answer = ids[0, a:e]
-        logits = self._answer_logits(model, ids, a, e)
+        sources = batch["answer_sources"] if self.chunk_size else []
+        # the query predicting answer token i sits at a - 1 + i; it should read the chunk of the token's source
+        with SourceChunkWatch(model, [a - 1 + i for i in range(len(sources))],
+                              [s // self.chunk_size for s in sources]) as watch:
+            logits = self._answer_logits(model, ids, a, e)
         correct = answer_token_correct(logits, answer)
         tf = bool(correct.all())  # the paper's teacher-forced exact match
         record = {k: batch[k] for k in ("task", "length", "depth", "index", "answers")}
@@ -141,15 +146,18 @@ class LengthEval(Callback):
                       answer_token_correct=correct.tolist(),
                       needle_starts=batch["needle_starts"])
         sums = {"tf": float(tf), "first": float(correct[0]), "nll": float(nll), "tokens": answer.numel()}
-        sources = batch["answer_sources"]
-        if self.chunk_size and sources:
+        if sources:
             # a later answer token copies the successor of the previous one: inside the same chunk of the
             # memory, or the first token of the next chunk (its source starts a chunk)
             edge = [s % self.chunk_size == 0 for s in sources[1:]]
-            record["copy_starts_chunk"] = edge
+            found = watch.hits.tolist()
+            record.update(copy_starts_chunk=edge, source_chunk_retrieved=found)
             later = correct[1:].tolist()
             sums.update(inside=sum(c for c, e in zip(later, edge) if not e), inside_n=edge.count(False),
-                        edge=sum(c for c, e in zip(later, edge) if e), edge_n=edge.count(True))
+                        edge=sum(c for c, e in zip(later, edge) if e), edge_n=edge.count(True),
+                        found_first=float(found[0]), found=sum(found[1:]),
+                        found_right=sum(c and f for c, f in zip(later, found[1:])),
+                        missed_right=sum(c and not f for c, f in zip(later, found[1:])))
         if self.generate:
             engine = self._engine(model, a + self.max_new_tokens)
             text = self.data.tokenizer.decode(engine.generate(ids[:, :a], self.max_new_tokens)[0])

@@ -35,7 +35,8 @@ def summarise(totals: dict, cells: list, generation: bool) -> list[dict]:
             row.update(tf_correct=int(t["tf"]), tf_acc=t["tf"] / max(n, 1), tf_ci=list(wilson_interval(t["tf"], n)),
                        answer_nll=t["nll"] / max(t["tokens"], 1), first_acc=t["first"] / max(n, 1))
             if t["inside_n"] + t["edge_n"]:  # answers copied from a needle, through a chunk memory
-                row.update({k: int(t[k]) for k in ("inside", "inside_n", "edge", "edge_n")})
+                row.update({k: int(t[k]) for k in ("inside", "inside_n", "edge", "edge_n", "found_first", "found",
+                                                     "found_right", "missed_right")})
             if generation:
                 row.update(string_match=t["gen"] / max(n, 1), string_match_ci=list(mean_interval(t["gen"], t["gen_sq"], n)))
         rows.append(row)
@@ -76,6 +77,24 @@ def copy_split(rows: list[dict]) -> dict:
     return sums
 
 
+def _percent(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}" if whole else "-"
+
+
+def retrieval_split(rows: list[dict]) -> dict:
+    """{(task, length): [needle chunk retrieved for the first token, samples, later tokens whose source chunk
+    was retrieved, later tokens, right of those retrieved, right of those missed]} summed over depths (rows
+    written since the evaluation records it)."""
+    sums: dict = {}
+    for r in rows:
+        if "found" in r:
+            s = sums.setdefault((r["task"], r["length"]), [0, 0, 0, 0, 0, 0])
+            for i, value in enumerate((r["found_first"], r["n"], r["found"], r["inside_n"] + r["edge_n"],
+                                       r["found_right"], r["missed_right"])):
+                s[i] += value
+    return sums
+
+
 def markdown(rows: list[dict], with_generation: bool) -> str:
     merged = by_task_length(rows)
     lengths = sorted({length for _, length in merged})
@@ -106,13 +125,25 @@ def markdown(rows: list[dict], with_generation: bool) -> str:
                                                for n in lengths) + " |" for t in tasks]
     copies = copy_split(rows)
     if copies:
-        pct = lambda right, n: f"{100 * right / n:.1f}" if n else "-"  # noqa: E731
         lines += ["", "Later answer tokens right, %: copied from inside the previous token's memory chunk / from "
                   "the start of the next chunk (how many)", "",
                   "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-        lines += [f"| {t} | " + " | ".join(f"{pct(c[0], c[1])} / {pct(c[2], c[3])} ({c[1]} / {c[3]})"
+        lines += [f"| {t} | " + " | ".join(f"{_percent(c[0], c[1])} / {_percent(c[2], c[3])} ({c[1]} / {c[3]})"
                                            if (c := copies.get((t, n))) else "" for n in lengths) + " |"
                   for t in dict.fromkeys(t for t, _ in copies)]
+    found = retrieval_split(rows)
+    if found:
+        def cell(f):
+            first, n, hit, later, hit_right, miss_right = f
+            return (f"{_percent(first, n)} / {_percent(hit, later)}; "
+                    f"{_percent(hit_right, hit)} / {_percent(miss_right, later - hit)}")
+
+        lines += ["", "Retrieval of the chunk each answer token is copied from, %: the needle's chunk for the first "
+                  "token / the source chunk for later tokens; later tokens right when their chunk was retrieved / "
+                  "when it was not (a miss there is retrieval's)", "",
+                  "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        lines += [f"| {t} | " + " | ".join(cell(f) if (f := found.get((t, n))) else "" for n in lengths) + " |"
+                  for t in dict.fromkeys(t for t, _ in found)]
     ppl = [r for r in rows if r["task"] == "perplexity"]
     if ppl:
         lines += ["", "Held-out perplexity and last-window loss", "", "| length | n | perplexity | mean NLL | last-window NLL |",

@@ -25,10 +25,11 @@ from hsa_lightning.model.config import ModelConfig
 
 MAX_FUSED_TOPK_X_WIDTH = 8192  # top_k * retrieval width the fused select kernel is run with
 FLEX_ALIGN = 128  # FlexAttention's block: lengths it takes (others take the banded SDPA path)
-# FlexAttention kernel tiles by head dim, where measured better than its defaults for the band: D = 64,
-# window 512, 16K tokens on an H200, backward 0.626 instead of 0.775 ms, forward unchanged
-# (benchmarks/flex_window.py, docs/benchmarks.md). Other head dims keep FlexAttention's choice.
-FLEX_KERNEL_OPTIONS = {64: dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=3)}
+# FlexAttention backward tiles by head dim, for bf16 / fp16 on Hopper (compute capability 9), where measured
+# better than its defaults for the band: D = 64, window 512, 16K tokens, H200: 0.626 instead of 0.775 ms
+# (benchmarks/flex_window.py, docs/benchmarks.md). Other head dims, dtypes and GPUs keep FlexAttention's choice.
+FLEX_BACKWARD_TILES = {64: dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32,
+                                bwd_num_warps=4, bwd_num_stages=3)}
 
 
 class HSATriton(AttentionBackend):
@@ -140,6 +141,7 @@ def _flex_sliding_window(q, k, v, window):
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
     # inside a compiled unit flex_attention joins the unit's graph; eagerly it needs its own compile
     flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
-    out = flex(qh, kh, vh, block_mask=mask, enable_gqa=qh.shape[1] != kh.shape[1],
-               kernel_options=FLEX_KERNEL_OPTIONS.get(q.shape[-1]))
+    measured = q.dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_properties(q.device).major == 9
+    options = FLEX_BACKWARD_TILES.get(q.shape[-1]) if measured else None
+    out = flex(qh, kh, vh, block_mask=mask, enable_gqa=qh.shape[1] != kh.shape[1], kernel_options=options)
     return out.transpose(1, 2)

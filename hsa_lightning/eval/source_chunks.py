@@ -1,0 +1,44 @@
+"""Did retrieval pick the chunk an answer token is copied from? Tells a retrieval miss (the needle's chunk
+was not read) from an attention miss (it was read, and the wrong token came out)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hsa_lightning.model.retrieval import Retrieval
+
+
+class SourceChunkWatch:
+    """While open, every retrieval layer of ``model`` reports, for each query position in ``positions``,
+    whether it picked (with a nonzero weight) the chunk in ``chunks`` at the same index; ``hits`` is the OR
+    over layers and heads. Works for the whole-sequence forward and for the inference engine's segments
+    (whose retrieval calls carry the segment's ``query_start``)."""
+
+    def __init__(self, model: nn.Module, positions: list[int], chunks: list[int]):
+        self.model = model
+        self.positions = torch.tensor(positions, dtype=torch.long)
+        self.chunks = torch.tensor(chunks, dtype=torch.long)
+        self.hits = torch.zeros(len(positions), dtype=torch.bool)
+        self._hooks: list = []
+
+    def __enter__(self) -> "SourceChunkWatch":
+        self._hooks = [m.register_forward_hook(self._record, with_kwargs=True)
+                       for m in self.model.modules() if isinstance(m, Retrieval)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _record(self, module, args, kwargs, selection) -> None:
+        # Retrieval.forward(x, landmarks, doc_start=None, query_start=0): rows of x sit at query_start..
+        start = kwargs.get("query_start", args[3] if len(args) > 3 else 0)
+        rows = selection.indices.shape[1]
+        inside = (self.positions >= start) & (self.positions < start + rows)
+        if not inside.any():
+            return
+        at = (self.positions[inside] - start).to(selection.indices.device)
+        picked = selection.indices[0, at] == self.chunks[inside].to(at.device)[:, None, None]  # (n, heads, k)
+        picked &= selection.weights[0, at] > 0  # padding slots carry weight 0
+        self.hits[inside] |= picked.flatten(1).any(-1).cpu()
