@@ -22,9 +22,9 @@ import time
 import torch
 import yaml
 
+from hsa_lightning.eval.source_chunks import SourceChunkWatch
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.model.hsalm import HSALM
-from hsa_lightning.model.retrieval import Retrieval
 from hsa_lightning.registry import build_plugin, load_plugins
 
 
@@ -102,34 +102,28 @@ def copy_accuracy(model, sample, n: int, chunk_size: int, batches: int) -> dict:
     picked the chunk holding the token to copy, and the accuracy when it did and when it did not: a miss
     there is retrieval's, a miss on a retrieved chunk is the attention's."""
     model.eval()
-    picks: list = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: picks.append(out))
-             for m in model.modules() if isinstance(m, Retrieval)]
     right = {"inside a chunk": [], "starts a chunk": []}
     found = {"inside a chunk": [], "starts a chunk": []}
-    source_chunk = torch.arange(1, n) // chunk_size  # token j of the first copy sits at position j
+    source_chunks = (torch.arange(1, n) // chunk_size).tolist()  # token j of the first copy sits at position j
     starts = torch.arange(1, n) % chunk_size == 0
+    retrieves = False  # whether any retrieval layer ran (the Flash backend reads every chunk without one)
     for _ in range(batches):
         x, gap = sample()
-        picks.clear()
-        queries = slice(n + gap, 2 * n + gap - 1)  # the positions predicting second-copy tokens 1..n-1
-        ok = model(x)[:, queries].argmax(-1) == x[:, 1:n]
-        hit = torch.zeros_like(ok)
-        for selection in picks:  # (B, T, heads, k) chunk indices; a zero weight marks a padding slot
-            chosen = (selection.indices[:, queries] == source_chunk[None, :, None, None]) & (selection.weights[:, queries] > 0)
-            hit |= chosen.flatten(2).any(-1)
+        queries = range(n + gap, 2 * n + gap - 1)  # the positions predicting second-copy tokens 1..n-1
+        with SourceChunkWatch(model, list(queries), source_chunks) as watch:
+            ok = model(x)[:, queries.start:queries.stop].argmax(-1) == x[:, 1:n]
+        retrieves |= watch.hits.numel() > 0
+        hit = watch.hits if watch.hits.numel() else torch.zeros_like(ok)
         for split, where in (("starts a chunk", starts), ("inside a chunk", ~starts)):
             right[split].append(ok[:, where].flatten())
             found[split].append(hit[:, where].flatten())
-    for h in hooks:
-        h.remove()
     model.train()
     out = {}
     for split in right:
         ok, hit = torch.cat(right[split]), torch.cat(found[split])
         pct = lambda t: round(100 * t.float().mean().item(), 1) if t.numel() else None  # noqa: E731
         out[split] = {"pct": pct(ok), "n": ok.numel()}
-        if picks:
+        if retrieves:
             out[split].update(retrieved_pct=pct(hit), pct_when_retrieved=pct(ok[hit]), pct_when_missed=pct(ok[~hit]))
     return out
 

@@ -280,13 +280,13 @@ def test_source_chunk_watch_reads_each_query_rows_picks_in_the_whole_sequence_an
     # positions 1..3 in a call from 0: row 1 has {1, 2, 3}; row 2 has {2, 3, 4}; row 3 has {3, 4, 5}
     with SourceChunkWatch(model, [1, 2, 3, 3], [1, 4, 0, 6]) as watch:
         layer(x, landmarks)
-    assert watch.hits.tolist() == [True, True, False, False]  # chunk 0 of row 3 is its padding slot
+    assert watch.hits.tolist() == [[True, True, False, False]]  # chunk 0 of row 3 is its padding slot
     # two engine segments, positions 0-4 then 5-9 (query_start positional, then by keyword); the second
     # call's row 2 (position 7) picks {2, 3, 4}
     with SourceChunkWatch(model, [7, 7, 2], [4, 7, 3]) as watch:
         layer(x, landmarks, None, 0)
         layer(x, landmarks, query_start=5)
-    assert watch.hits.tolist() == [True, False, True]
+    assert watch.hits.tolist() == [[True, False, True]]
     assert not layer._forward_hooks  # closed: no hook left behind
 
 

@@ -10,15 +10,15 @@ from hsa_lightning.model.retrieval import Retrieval
 
 class SourceChunkWatch:
     """While open, every retrieval layer of ``model`` reports, for each query position in ``positions``,
-    whether it picked (with a nonzero weight) the chunk in ``chunks`` at the same index; ``hits`` is the OR
-    over layers and heads. Works for the whole-sequence forward and for the inference engine's segments
-    (whose retrieval calls carry the segment's ``query_start``)."""
+    whether it picked (with a nonzero weight) the chunk in ``chunks`` at the same index; ``hits`` (batch,
+    len(positions)) is the OR over layers and heads, for every row of the batch. Works for the whole-sequence
+    forward and for the inference engine's segments (whose retrieval calls carry the segment's ``query_start``)."""
 
     def __init__(self, model: nn.Module, positions: list[int], chunks: list[int]):
         self.model = model
         self.positions = torch.tensor(positions, dtype=torch.long)
         self.chunks = torch.tensor(chunks, dtype=torch.long)
-        self.hits = torch.zeros(len(positions), dtype=torch.bool)
+        self.hits = torch.zeros(0, len(positions), dtype=torch.bool)  # sized by the first call's batch
         self._hooks: list = []
 
     def __enter__(self) -> "SourceChunkWatch":
@@ -38,7 +38,9 @@ class SourceChunkWatch:
         inside = (self.positions >= start) & (self.positions < start + rows)
         if not inside.any():
             return
+        if not self.hits.numel():
+            self.hits = torch.zeros(selection.indices.shape[0], len(self.positions), dtype=torch.bool)
         at = (self.positions[inside] - start).to(selection.indices.device)
-        picked = selection.indices[0, at] == self.chunks[inside].to(at.device)[:, None, None]  # (n, heads, k)
-        picked &= selection.weights[0, at] > 0  # padding slots carry weight 0
-        self.hits[inside] |= picked.flatten(1).any(-1).cpu()
+        picked = selection.indices[:, at] == self.chunks[inside].to(at.device)[:, None, None]  # (B, n, heads, k)
+        picked &= selection.weights[:, at] > 0  # padding slots carry weight 0
+        self.hits[:, inside] |= picked.flatten(2).any(-1).cpu()
