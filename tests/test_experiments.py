@@ -19,6 +19,7 @@ VARIANTS = {  # the resolved keys each file may (and must) change, besides its o
     "fusion_stick_breaking": ["model.config.fusion"],
     "fusion_joint_scored": ["model.config.fusion"],
     "fusion_joint": ["model.config.fusion"],
+    "fusion_softmax_and_union": ["model.config.fusion"],
     "read_successor": ["model.config.read_successor"],
     "window_2048": ["model.config.window"],
     "window_2048_in_warmup": ["model.config.window", STAGES],

@@ -10,7 +10,11 @@ from hsa_lightning.kernels.retrieval import fusion_weights, retrieval_scores, se
 
 def naive_hsa(q_slc, lmk, q, k, v, S, top_k, fusion, recency=None, successors=False):
     """Token by token, head by head, exactly as DESIGN section 4 words it. ``successors`` (config
-    ``read_successor``): a chosen chunk c whose successor is visible too shares its weight with c + 1."""
+    ``read_successor``): a chosen chunk c whose successor is visible too shares its weight with c + 1.
+    ``softmax_and_union``: the mean of what ``softmax`` and ``joint_scored`` give."""
+    if fusion == "softmax_and_union":
+        return (naive_hsa(q_slc, lmk, q, k, v, S, top_k, "softmax", recency, successors)
+                + naive_hsa(q_slc, lmk, q, k, v, S, top_k, "joint_scored", recency, successors)) / 2
     B, T, H, D = q.shape
     Hkv, Dr = k.shape[2], q_slc.shape[-1]
     G = H // Hkv
@@ -66,6 +70,8 @@ def vectorised_hsa(q_slc, lmk, q, k, v, S, top_k, fusion, recency=None):
     w = fusion_weights(scores, idx, valid, fusion, recency)
     if fusion in ("joint", "joint_scored"):
         return joint_chunk_attention_reference(q, k, v, w, idx, S)
+    if fusion == "softmax_and_union":
+        return (hsa_attention_reference(q, k, v, w, idx, S) + joint_chunk_attention_reference(q, k, v, w, idx, S)) / 2
     return hsa_attention_reference(q, k, v, w, idx, S)
 
 
@@ -86,7 +92,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("fusion", ["softmax", "stick_breaking", "joint", "joint_scored"])
+@pytest.mark.parametrize("fusion", ["softmax", "stick_breaking", "joint", "joint_scored", "softmax_and_union"])
 @pytest.mark.parametrize("B,T,H,Hkv,S,top_k", CASES)
 def test_reference_matches_naive_loop_outputs_and_gradients(B, T, H, Hkv, S, top_k, fusion):
     inputs = make_inputs(B, T, H, Hkv, 6, 5, S)
@@ -104,7 +110,7 @@ def test_reference_matches_naive_loop_outputs_and_gradients(B, T, H, Hkv, S, top
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("fusion", ["softmax", "stick_breaking", "joint_scored"])
+@pytest.mark.parametrize("fusion", ["softmax", "stick_breaking", "joint_scored", "softmax_and_union"])
 def test_retrieval_query_and_landmarks_get_nonzero_gradient_through_weights(fusion):
     q_slc, lmk, q, k, v = make_inputs(1, 40, 4, 1, 6, 5, 8)
     out = vectorised_hsa(q_slc, lmk, q, k, v, 8, 2, fusion)

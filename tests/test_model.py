@@ -27,7 +27,7 @@ def test_future_tokens_never_change_past_logits(attention, layout):
         assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])  # the perturbation is visible later
 
 
-@pytest.mark.parametrize("fusion", ["stick_breaking", "joint", "joint_scored"])
+@pytest.mark.parametrize("fusion", ["stick_breaking", "joint", "joint_scored", "softmax_and_union"])
 @pytest.mark.parametrize("options", [{}, {"landmark": "mean", "recency_bias": True, "hsa_residual": "standard"},
                                      {"position_in_hsa": True}, {"read_successor": True}])
 def test_causality_holds_for_hsa_options(fusion, options):

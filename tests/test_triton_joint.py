@@ -88,7 +88,8 @@ def test_custom_op_agrees_with_its_fake_implementation():
 
 
 @pytest.mark.parametrize("fusion,options", [("joint", {}), ("joint_scored", {}),
-                                            ("joint_scored", {"read_successor": True})], ids=str)  # duplicate chunks
+                                            ("joint_scored", {"read_successor": True}),  # duplicate chunks
+                                            ("softmax_and_union", {})], ids=str)  # both kernel families, averaged
 def test_model_with_joint_fusion_on_hsatriton_matches_hsareference(fusion, options):
     kw = dict(dtype=torch.float32, chunk_size=16, d_model=64, head_dim=16, n_heads=4, hsa_kv_heads=1, top_k=2,
               fusion=fusion, **options)

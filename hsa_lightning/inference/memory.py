@@ -91,4 +91,4 @@ class OffloadedChunkMemory(ChunkMemory):
         v = block[:, 1].reshape(1, U * S, H, D).expand(B, -1, -1, -1)
         indices = torch.searchsorted(union, flat.flatten()).view_as(flat)
         return (ChunkMemory(k=k, v=v, landmarks=self.landmarks, chunk_size=self.chunk_size),
-                Selection(indices=indices, weights=selection.weights, joint=selection.joint))
+                Selection(indices=indices, weights=selection.weights, read=selection.read))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from hsa_lightning.kernels.retrieval import retrieval_scores, select_chunks
 from hsa_lightning.model.config import ModelConfig
 from hsa_lightning.registry import Registry, kind_registry
 
-FUSIONS = ("softmax", "stick_breaking", "joint", "joint_scored")
+FUSIONS = ("softmax", "stick_breaking", "joint", "joint_scored", "softmax_and_union")
 
 
 @dataclass
@@ -59,7 +59,10 @@ class Selection:
 
     indices: torch.Tensor  # (B, T, Hkv, K) int64; padding slots hold a valid index and weight 0
     weights: torch.Tensor  # (B, T, Hkv, K) float32 fusion weights
-    joint: bool = False  # ablation: one softmax over the union of the selected chunks, log weights added
+    # "chunks": each selected chunk read alone, outputs fused by the weights (the paper's); ablations:
+    # "union": one softmax over the union of the selected chunks' keys, log weights added to their logits;
+    # "both": the mean of the two
+    read: Literal["chunks", "union", "both"] = "chunks"
 
 
 class AttentionBackend:

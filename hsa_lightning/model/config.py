@@ -36,10 +36,11 @@ class ModelConfig:
     """Total width of the retrieval query/landmark over all retrieval heads; default d_model."""
     landmark: Literal["encoder", "mean"] = "encoder"
     """``encoder``: bidirectional layer + CLS per chunk. ``mean``: mean-pooled chunk (ablation)."""
-    fusion: Literal["softmax", "stick_breaking", "joint", "joint_scored"] = "softmax"
+    fusion: Literal["softmax", "stick_breaking", "joint", "joint_scored", "softmax_and_union"] = "softmax"
     """How the selected chunks' outputs are combined (softmax over the selected scores is the paper's;
     ``joint``: one softmax over the union of their keys, as MoBA; ``joint_scored``: the same with each
-    chunk's retrieval score added to its keys' logits, so retrieval still learns; neither is the paper's)."""
+    chunk's retrieval score added to its keys' logits, so retrieval still learns; ``softmax_and_union``:
+    the mean of the ``softmax`` and ``joint_scored`` outputs over the same picks; none is the paper's)."""
     read_successor: bool = False
     """Not the paper's: each selected chunk also brings the chunk after it (when visible), the weight split
     between the two, so a copy whose next token starts a new chunk can reach it. Doubles HSA's work."""

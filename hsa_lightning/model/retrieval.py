@@ -41,4 +41,5 @@ class Retrieval(nn.Module):
         weights = weights_from_selected(selected, valid, self.fusion, self.recency)
         if self.read_successor:
             indices, weights = with_successors(indices, weights, self.chunk_size, query_start)
-        return Selection(indices=indices, weights=weights, joint=self.fusion in ("joint", "joint_scored"))
+        read = {"joint": "union", "joint_scored": "union", "softmax_and_union": "both"}.get(self.fusion, "chunks")
+        return Selection(indices=indices, weights=weights, read=read)

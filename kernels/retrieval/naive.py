@@ -74,7 +74,8 @@ def weights_from_selected(
     ``softmax`` (the paper): softmax over the selected scores. ``stick_breaking`` (RAMba):
     w_k = sigmoid(s_k) * prod_{j<k} (1 - sigmoid(s_j)) in recency order. ``joint``: the slot mask;
     attention then takes one softmax over the union. ``joint_scored``: the softmax weights, which that
-    union softmax adds (as logs) to each chunk's logits. ``recency`` (a scalar tensor) adds slot_rank * recency
+    union softmax adds (as logs) to each chunk's logits. ``softmax_and_union``: the softmax weights, used
+    both ways. ``recency`` (a scalar tensor) adds slot_rank * recency
     to the selected scores. Gradients reach the scores, hence q_slc and the landmarks, only through here.
     """
     if rule == "joint":
@@ -82,7 +83,7 @@ def weights_from_selected(
     if recency is not None:
         rank = torch.arange(s.shape[-1], device=s.device, dtype=s.dtype)
         s = s + rank * recency.to(s.dtype)
-    if rule in ("softmax", "joint_scored"):
+    if rule in ("softmax", "joint_scored", "softmax_and_union"):
         m = torch.where(valid, s, torch.full_like(s, float("-inf"))).amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
         e = torch.exp(torch.where(valid, s, m) - m) * valid
@@ -92,7 +93,8 @@ def weights_from_selected(
         remaining = torch.cumsum(F.logsigmoid(-s) * valid, dim=-1) - F.logsigmoid(-s) * valid
         w = torch.exp(F.logsigmoid(s) + remaining) * valid
     else:
-        raise ValueError(f"fusion rule {rule!r} is not one of softmax, stick_breaking, joint, joint_scored")
+        raise ValueError(f"fusion rule {rule!r} is not one of softmax, stick_breaking, joint, joint_scored, "
+                         f"softmax_and_union")
     return w if w.dtype == torch.float64 else w.to(torch.float32)
 
 

@@ -17,10 +17,9 @@ class HSAReference(AttentionBackend):
     def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection,
                          doc_start: torch.Tensor | None = None, query_start: int = 0) -> torch.Tensor:
         # documents are already respected: the selection holds no chunk of another document
-        if selection.joint:
-            return joint_chunk_attention_reference(
-                q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size
-            )
-        return hsa_attention_reference(
-            q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size
-        )
+        args = (q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size)
+        if selection.read == "chunks":
+            return hsa_attention_reference(*args)
+        if selection.read == "union":
+            return joint_chunk_attention_reference(*args)
+        return 0.5 * (hsa_attention_reference(*args) + joint_chunk_attention_reference(*args))

@@ -37,7 +37,7 @@ class HSATriton(AttentionBackend):
     requires = ("triton",)
     devices = frozenset({"cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
-    fusions = frozenset({"softmax", "stick_breaking", "joint", "joint_scored"})
+    fusions = frozenset({"softmax", "stick_breaking", "joint", "joint_scored", "softmax_and_union"})
     masks_documents = True
     incremental = True
 
@@ -78,19 +78,18 @@ class HSATriton(AttentionBackend):
 
     def memory_attention(self, q: torch.Tensor, memory: ChunkMemory, selection: Selection,
                          doc_start: Optional[torch.Tensor] = None, query_start: int = 0) -> torch.Tensor:
+        from hsa_lightning.kernels.hsa.joint import joint_chunk_attention
         from hsa_lightning.kernels.hsa.parallel import hsa_attention, uses_chunk_kernels
 
-        if selection.joint:
-            from hsa_lightning.kernels.hsa.joint import joint_chunk_attention
-
-            return joint_chunk_attention(q, memory.k, memory.v, selection.weights, selection.indices,
-                                         memory.chunk_size)
+        args = (q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size)
+        if selection.read == "union":
+            return joint_chunk_attention(*args)
         # The kernel family follows the memory (one landmark per chunk), not the K/V passed in: offloaded
         # inference passes the union of all rows' selected chunks and must compute what resident inference does.
         memory_len = memory.landmarks.shape[1] * memory.chunk_size
         by_chunk = uses_chunk_kernels(q, memory_len, q.shape[2] // memory.k.shape[2], selection.indices.shape[-1])
-        return hsa_attention(q, memory.k, memory.v, selection.weights, selection.indices, memory.chunk_size,
-                             by_chunk=by_chunk)
+        per_chunk = hsa_attention(*args, by_chunk=by_chunk)
+        return per_chunk if selection.read == "chunks" else 0.5 * (per_chunk + joint_chunk_attention(*args))
 
 
 @functools.lru_cache(maxsize=None)
