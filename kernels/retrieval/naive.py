@@ -75,8 +75,8 @@ def weights_from_selected(
     w_k = sigmoid(s_k) * prod_{j<k} (1 - sigmoid(s_j)) in recency order. ``joint``: the slot mask;
     attention then takes one softmax over the union. ``joint_scored``: the softmax weights, which that
     union softmax adds (as logs) to each chunk's logits. ``softmax_and_union``: the softmax weights, used
-    both ways. ``recency`` (a scalar tensor) adds slot_rank * recency
-    to the selected scores. Gradients reach the scores, hence q_slc and the landmarks, only through here.
+    both ways. ``recency`` (a scalar tensor) adds slot_rank * recency to the selected scores. Gradients
+    reach the scores, hence q_slc and the landmarks, only through here.
     """
     if rule == "joint":
         return valid.to(torch.float32)

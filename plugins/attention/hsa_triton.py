@@ -37,7 +37,6 @@ class HSATriton(AttentionBackend):
     requires = ("triton",)
     devices = frozenset({"cuda"})
     dtypes = frozenset({torch.float32, torch.bfloat16, torch.float16})
-    fusions = frozenset({"softmax", "stick_breaking", "joint", "joint_scored", "softmax_and_union"})
     masks_documents = True
     incremental = True
 
