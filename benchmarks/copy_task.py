@@ -110,10 +110,10 @@ def copy_accuracy(model, sample, n: int, chunk_size: int, batches: int) -> dict:
     for _ in range(batches):
         x, gap = sample()
         queries = range(n + gap, 2 * n + gap - 1)  # the positions predicting second-copy tokens 1..n-1
-        with SourceChunkWatch(model, list(queries), source_chunks) as watch:
+        with SourceChunkWatch(model, list(queries), source_chunks, batch=x.shape[0]) as watch:
             ok = model(x)[:, queries.start:queries.stop].argmax(-1) == x[:, 1:n]
-        retrieves |= watch.hits.numel() > 0
-        hit = watch.hits if watch.hits.numel() else torch.zeros_like(ok)
+        retrieves |= watch.seen
+        hit = watch.hits
         for split, where in (("starts a chunk", starts), ("inside a chunk", ~starts)):
             right[split].append(ok[:, where].flatten())
             found[split].append(hit[:, where].flatten())

@@ -69,6 +69,13 @@ def finish_selection(idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Ten
     return idx.clamp_min(0), w.float()
 
 
+def union_per_k(idx: torch.Tensor, block_tokens: int) -> float:
+    """Distinct chunks a tile of ``block_tokens`` tokens visits, per useful chunk (k), on average."""
+    from hsa_lightning.kernels.hsa.parallel import block_union
+
+    return round(block_union(idx, block_tokens)[1].float().mean().item() / idx.shape[-1], 2)
+
+
 def shared_fraction(idx: torch.Tensor, sample: int = 4096) -> float:
     L = idx.shape[1]
     t = torch.randint(S * 2, L, (min(sample, L - 2 * S),), device=idx.device)
@@ -138,8 +145,7 @@ def run_case(L, k, D, G, pattern, args, device, kernels="auto"):
 
     row = {"L": L, "top_k": k, "head_dim": D, "G": G, "pattern": pattern, "shared": round(shared_fraction(idx), 3),
            "kernels": kernels}
-    bt, _ = tile_shape(G)
-    row["union_per_k"] = round(block_union(idx, bt)[1].float().mean().item() / k, 2)
+    row["union_per_k"] = union_per_k(idx, tile_shape(G)[0])
     row["hsa_fwd_ms"] = bench(lambda: hsa_attention(q, kk, v, w, idx, S))
 
     def fwd_bwd():

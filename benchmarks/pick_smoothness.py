@@ -15,10 +15,10 @@ import sys
 import torch
 import yaml
 
-from benchmarks.kernels import finish_selection, shared_fraction, smooth_selection, visible_topk_random
+from benchmarks.kernels import finish_selection, shared_fraction, smooth_selection, union_per_k, visible_topk_random
 from hsa_lightning.data.shards import stream_tokens
 from hsa_lightning.data.tokenizer import load_tokenizer
-from hsa_lightning.kernels.hsa.parallel import block_union, tile_shape
+from hsa_lightning.kernels.hsa.parallel import tile_shape
 from hsa_lightning.model.retrieval import Retrieval
 from hsa_lightning.params import module_from_spec
 
@@ -44,9 +44,8 @@ def first_block_picks(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def smoothness(indices: torch.Tensor, group: int) -> dict:
-    k = indices.shape[-1]
-    return {"shared": round(shared_fraction(indices.long()), 3),
-            "union_per_k": round(block_union(indices.long(), tile_shape(group)[0])[1].float().mean().item() / k, 2)}
+    indices = indices.long()
+    return {"shared": round(shared_fraction(indices), 3), "union_per_k": union_per_k(indices, tile_shape(group)[0])}
 
 
 def main(argv=None) -> int:
@@ -68,10 +67,12 @@ def main(argv=None) -> int:
     text = torch.from_numpy(stream_tokens(args.text, load_tokenizer(args.tokenizer)))[:args.length]
     if len(text) < args.length:
         sys.exit(f"--text holds {len(text):,} tokens, fewer than --length {args.length:,}")
-    rows = {"random ids": smoothness(first_block_picks(model, torch.randint(0, cfg.vocab_size, (args.length,))), group),
+    random_ids = torch.randint(0, cfg.vocab_size, (args.length,))
+    rows = {"random ids": smoothness(first_block_picks(model, random_ids), group),
             "text": smoothness(first_block_picks(model, text), group)}
     gen = torch.Generator().manual_seed(args.seed)
-    for name, pattern in (("kernel benchmark: smooth", smooth_selection), ("kernel benchmark: random", visible_topk_random)):
+    for name, pattern in (("kernel benchmark: smooth", smooth_selection),
+                          ("kernel benchmark: random", visible_topk_random)):
         picks, _ = finish_selection(pattern(args.length, cfg.top_k, cfg.hsa_kv_heads, gen, "cpu"), gen)
         rows[name] = smoothness(picks, group)
     print(f"| picks ({args.config}, untrained, {args.length:,} tokens, G = {group}) | shared | union/k |\n|---|---|---|")

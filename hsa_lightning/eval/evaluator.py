@@ -150,7 +150,7 @@ class LengthEval(Callback):
             # a later answer token copies the successor of the previous one: inside the same chunk of the
             # memory, or the first token of the next chunk (its source starts a chunk)
             edge = [s % self.chunk_size == 0 for s in sources[1:]]
-            found = watch.hits[0].tolist() if watch.hits.numel() else [False] * len(sources)
+            found = watch.hits[0].tolist()
             record.update(copy_starts_chunk=edge, source_chunk_retrieved=found)
             later = correct[1:].tolist()
             sums.update(inside=sum(c for c, e in zip(later, edge) if not e), inside_n=edge.count(False),

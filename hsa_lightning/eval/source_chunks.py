@@ -11,14 +11,16 @@ from hsa_lightning.model.retrieval import Retrieval
 class SourceChunkWatch:
     """While open, every retrieval layer of ``model`` reports, for each query position in ``positions``,
     whether it picked (with a nonzero weight) the chunk in ``chunks`` at the same index; ``hits`` (batch,
-    len(positions)) is the OR over layers and heads, for every row of the batch. Works for the whole-sequence
-    forward and for the inference engine's segments (whose retrieval calls carry the segment's ``query_start``)."""
+    len(positions)) is the OR over layers and heads, for every row of the batch, and ``seen`` says whether any
+    retrieval call reached a watched position. Works for the whole-sequence forward and for the inference
+    engine's segments (whose retrieval calls carry the segment's ``query_start``)."""
 
-    def __init__(self, model: nn.Module, positions: list[int], chunks: list[int]):
+    def __init__(self, model: nn.Module, positions: list[int], chunks: list[int], batch: int = 1):
         self.model = model
         self.positions = torch.tensor(positions, dtype=torch.long)
         self.chunks = torch.tensor(chunks, dtype=torch.long)
-        self.hits = torch.zeros(0, len(positions), dtype=torch.bool)  # sized by the first call's batch
+        self.hits = torch.zeros(batch, len(positions), dtype=torch.bool)
+        self.seen = False
         self._hooks: list = []
 
     def __enter__(self) -> "SourceChunkWatch":
@@ -38,8 +40,7 @@ class SourceChunkWatch:
         inside = (self.positions >= start) & (self.positions < start + rows)
         if not inside.any():
             return
-        if not self.hits.numel():
-            self.hits = torch.zeros(selection.indices.shape[0], len(self.positions), dtype=torch.bool)
+        self.seen = True
         at = (self.positions[inside] - start).to(selection.indices.device)
         picked = selection.indices[:, at] == self.chunks[inside].to(at.device)[:, None, None]  # (B, n, heads, k)
         picked &= selection.weights[:, at] > 0  # padding slots carry weight 0
