@@ -88,7 +88,8 @@ def main() -> None:
     for k, v in split.items():
         if "retrieved_pct" in v:
             print(f"  {k}: the source chunk retrieved {v['retrieved_pct']}%; right {v['pct_when_retrieved']}% when "
-                  f"retrieved, {v['pct_when_missed']}% when not")
+                  f"retrieved, {v['pct_when_missed']}% when not; its fusion weight {v['weight_when_right']} on "
+                  f"right tokens, {v['weight_when_wrong']} on wrong ones")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"args": vars(args), "chance": math.log(vocab), "curve": curve, "accuracy": split}, f, indent=1)
@@ -100,10 +101,12 @@ def copy_accuracy(model, sample, n: int, chunk_size: int, batches: int) -> dict:
     copy: inside the chunk of the matched token before it, or at the start of the next chunk (the copy then
     has to read a chunk the match did not point to). With HSA blocks, also how often some block's retrieval
     picked the chunk holding the token to copy, and the accuracy when it did and when it did not: a miss
-    there is retrieval's, a miss on a retrieved chunk is the attention's."""
+    there is retrieval's, a miss on a retrieved chunk is the attention's; and the mean fusion weight of that
+    chunk for right and wrong tokens (a wrong token whose chunk weighs little was outweighed by other picks)."""
     model.eval()
     right = {"inside a chunk": [], "starts a chunk": []}
     found = {"inside a chunk": [], "starts a chunk": []}
+    weight = {"inside a chunk": [], "starts a chunk": []}
     source_chunks = (torch.arange(1, n) // chunk_size).tolist()  # token j of the first copy sits at position j
     starts = torch.arange(1, n) % chunk_size == 0
     retrieves = False  # whether any retrieval layer ran (the Flash backend reads every chunk without one)
@@ -117,14 +120,17 @@ def copy_accuracy(model, sample, n: int, chunk_size: int, batches: int) -> dict:
         for split, where in (("starts a chunk", starts), ("inside a chunk", ~starts)):
             right[split].append(ok[:, where].flatten())
             found[split].append(hit[:, where].flatten())
+            weight[split].append(watch.weights[:, where].flatten())
     model.train()
     out = {}
     for split in right:
-        ok, hit = torch.cat(right[split]), torch.cat(found[split])
+        ok, hit, w = torch.cat(right[split]), torch.cat(found[split]), torch.cat(weight[split])
         pct = lambda t: round(100 * t.float().mean().item(), 1) if t.numel() else None  # noqa: E731
+        mean = lambda t: round(t.mean().item(), 3) if t.numel() else None  # noqa: E731
         out[split] = {"pct": pct(ok), "n": ok.numel()}
         if retrieves:
-            out[split].update(retrieved_pct=pct(hit), pct_when_retrieved=pct(ok[hit]), pct_when_missed=pct(ok[~hit]))
+            out[split].update(retrieved_pct=pct(hit), pct_when_retrieved=pct(ok[hit]), pct_when_missed=pct(ok[~hit]),
+                              weight_when_right=mean(w[ok]), weight_when_wrong=mean(w[~ok]))
     return out
 
 

@@ -252,6 +252,11 @@ def test_answer_nll_table_weights_depths_by_samples_and_skips_results_written_be
     # first tokens 3 of 4 samples; later tokens (inside and at the edge) 15 of 24 retrieved, 13 of those
     # right, 3 of the 9 missed right
     assert "| s_niah | 75.0 / 62.5; 86.7 / 33.3 |" in table
+    assert "Fusion weight of the source chunk" not in markdown(found, False)  # written before it was recorded
+    weighed = [{**found[0], "weight_right": 2.5, "weight_wrong": 0.1},
+               {**found[1], "weight_right": 5.5, "weight_wrong": 0.7}]
+    table = markdown(weighed, False).split("Fusion weight of the source chunk")[1]
+    assert "| s_niah | 0.500 / 0.100 |" in table  # right: (2.5 + 5.5) / (5 + 11); wrong: (0.1 + 0.7) / (1 + 7)
 
 
 def test_source_chunk_watch_reads_each_query_rows_picks_in_the_whole_sequence_and_in_engine_segments():
@@ -281,12 +286,14 @@ def test_source_chunk_watch_reads_each_query_rows_picks_in_the_whole_sequence_an
     with SourceChunkWatch(model, [1, 2, 3, 3], [1, 4, 0, 6]) as watch:
         layer(x, landmarks)
     assert watch.hits.tolist() == [[True, True, False, False]]  # chunk 0 of row 3 is its padding slot
+    assert watch.weights.tolist() == [[0.5, 1.0, 0.0, 0.0]]  # the largest weight over heads, 0 unpicked
     # two engine segments, positions 0-4 then 5-9 (query_start positional, then by keyword); the second
     # call's row 2 (position 7) picks {2, 3, 4}
     with SourceChunkWatch(model, [7, 7, 2], [4, 7, 3]) as watch:
         layer(x, landmarks, None, 0)
         layer(x, landmarks, query_start=5)
     assert watch.hits.tolist() == [[True, False, True]]
+    assert watch.weights.tolist() == [[1.0, 0.0, 0.5]]
     assert not layer._forward_hooks  # closed: no hook left behind
 
 
@@ -335,9 +342,14 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
         assert cell["found_first"] == sum(r["source_chunk_retrieved"][0] for r in mine)
         assert (cell["found"], cell["found_right"], cell["missed_right"]) == (
             sum(h for _, h in found), sum(c and h for c, h in found), sum(c and not h for c, h in found))
+        weighed = [(right, w, hit) for r in mine for right, w, hit in zip(
+            r["answer_token_correct"][1:], r["source_chunk_weight"][1:], r["source_chunk_retrieved"][1:])]
+        assert all((w > 0) == hit and 0 <= w <= 1 for _, w, hit in weighed)  # a weight exactly where picked
+        assert abs(cell["weight_right"] - sum(w for c, w, _ in weighed if c)) < 1e-3
+        assert abs(cell["weight_wrong"] - sum(w for c, w, _ in weighed if not c)) < 1e-3
     assert "Mean NLL per answer token" in table and "First answer token right" in table
     assert "Later answer tokens right" in table  # tiny.yaml's chunk memory (chunk 32): the copy split
-    assert "Retrieval of the chunk each answer token is copied from" in table
+    assert "Retrieval of the chunk each answer token is copied from" in table and "Fusion weight of the source" in table
     # benchmarks/answer_copies.py regenerates the same keys and counts the same later tokens
     from benchmarks.answer_copies import main as answer_copies
 
@@ -366,6 +378,8 @@ def test_suite_end_to_end_writes_every_output_reproducibly_and_the_engine_agrees
     for p, c in zip(plain, chunked):
         assert p.get("teacher_forced") == c.get("teacher_forced") and p.get("generation") == c.get("generation")
         assert p.get("source_chunk_retrieved") == c.get("source_chunk_retrieved")  # the engine's segments too
+        weights = zip(p.get("source_chunk_weight", []), c.get("source_chunk_weight", []))
+        assert all(abs(a - b) < 1e-3 for a, b in weights)
         for key in ("answer_nll", "nll", "last_nll"):
             if key in p:
                 assert abs(p[key] - c[key]) < 2e-3, (key, p, c)

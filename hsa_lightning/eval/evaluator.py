@@ -37,7 +37,7 @@ from hsa_lightning.inference import InferenceEngine
 from hsa_lightning.model.blocks import HSABlock
 
 SUMS = ("n", "tf", "first", "inside", "inside_n", "edge", "edge_n", "found_first", "found", "found_right",
-        "missed_right", "gen", "gen_sq", "nll", "tokens", "last_nll", "last_tokens")
+        "missed_right", "weight_right", "weight_wrong", "gen", "gen_sq", "nll", "tokens", "last_nll", "last_tokens")
 
 
 class LengthEval(Callback):
@@ -150,14 +150,17 @@ class LengthEval(Callback):
             # a later answer token copies the successor of the previous one: inside the same chunk of the
             # memory, or the first token of the next chunk (its source starts a chunk)
             edge = [s % self.chunk_size == 0 for s in sources[1:]]
-            found = watch.hits[0].tolist()
-            record.update(copy_starts_chunk=edge, source_chunk_retrieved=found)
+            found, weight = watch.hits[0].tolist(), watch.weights[0].tolist()
+            record.update(copy_starts_chunk=edge, source_chunk_retrieved=found,
+                          source_chunk_weight=[round(w, 4) for w in weight])
             later = correct[1:].tolist()
             sums.update(inside=sum(c for c, e in zip(later, edge) if not e), inside_n=edge.count(False),
                         edge=sum(c for c, e in zip(later, edge) if e), edge_n=edge.count(True),
                         found_first=float(found[0]), found=sum(found[1:]),
                         found_right=sum(c and f for c, f in zip(later, found[1:])),
-                        missed_right=sum(c and not f for c, f in zip(later, found[1:])))
+                        missed_right=sum(c and not f for c, f in zip(later, found[1:])),
+                        weight_right=sum(w for c, w in zip(later, weight[1:]) if c),
+                        weight_wrong=sum(w for c, w in zip(later, weight[1:]) if not c))
         if self.generate:
             engine = self._engine(model, a + self.max_new_tokens)
             text = self.data.tokenizer.decode(engine.generate(ids[:, :a], self.max_new_tokens)[0])

@@ -37,6 +37,7 @@ def summarise(totals: dict, cells: list, generation: bool) -> list[dict]:
             if t["inside_n"] + t["edge_n"]:  # answers copied from a needle, through a chunk memory
                 row.update({k: int(t[k]) for k in ("inside", "inside_n", "edge", "edge_n", "found_first", "found",
                                                      "found_right", "missed_right")})
+                row.update({k: round(float(t[k]), 4) for k in ("weight_right", "weight_wrong")})
             if generation:
                 row.update(string_match=t["gen"] / max(n, 1), string_match_ci=list(mean_interval(t["gen"], t["gen_sq"], n)))
         rows.append(row)
@@ -95,6 +96,20 @@ def retrieval_split(rows: list[dict]) -> dict:
     return sums
 
 
+def source_weights(rows: list[dict]) -> dict:
+    """{(task, length): [fusion weight of the source chunk summed over later answer tokens that came out
+    right, how many, summed over the wrong ones, how many]} summed over depths (rows written since the
+    evaluation records it)."""
+    sums: dict = {}
+    for r in rows:
+        if "weight_right" in r:
+            right, later = r["inside"] + r["edge"], r["inside_n"] + r["edge_n"]
+            s = sums.setdefault((r["task"], r["length"]), [0.0, 0, 0.0, 0])
+            for i, value in enumerate((r["weight_right"], right, r["weight_wrong"], later - right)):
+                s[i] += value
+    return sums
+
+
 def markdown(rows: list[dict], with_generation: bool) -> str:
     merged = by_task_length(rows)
     lengths = sorted({length for _, length in merged})
@@ -144,6 +159,17 @@ def markdown(rows: list[dict], with_generation: bool) -> str:
                   "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
         lines += [f"| {t} | " + " | ".join(cell(f) if (f := found.get((t, n))) else "" for n in lengths) + " |"
                   for t in dict.fromkeys(t for t, _ in found)]
+    weights = source_weights(rows)
+    if weights:
+        def mean_weights(w):
+            return " / ".join(f"{total / n:.3f}" if n else "-" for total, n in (w[:2], w[2:]))
+
+        lines += ["", "Fusion weight of the source chunk (the largest any retrieval layer and head gave it; 0 where "
+                  "none picked it), mean over later answer tokens that came out right / wrong: a low weight on a "
+                  "wrong token means other picks outweighed it", "",
+                  "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+        lines += [f"| {t} | " + " | ".join(mean_weights(w) if (w := weights.get((t, n))) else "" for n in lengths)
+                  + " |" for t in dict.fromkeys(t for t, _ in weights)]
     ppl = [r for r in rows if r["task"] == "perplexity"]
     if ppl:
         lines += ["", "Held-out perplexity and last-window loss", "", "| length | n | perplexity | mean NLL | last-window NLL |",

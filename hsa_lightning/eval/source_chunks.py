@@ -11,15 +11,18 @@ from hsa_lightning.model.retrieval import Retrieval
 class SourceChunkWatch:
     """While open, every retrieval layer of ``model`` reports, for each query position in ``positions``,
     whether it picked (with a nonzero weight) the chunk in ``chunks`` at the same index; ``hits`` (batch,
-    len(positions)) is the OR over layers and heads, for every row of the batch, and ``seen`` says whether any
-    retrieval call reached a watched position. Works for the whole-sequence forward and for the inference
-    engine's segments (whose retrieval calls carry the segment's ``query_start``)."""
+    len(positions)) is the OR over layers and heads, for every row of the batch, ``weights`` the largest
+    fusion weight any layer and head gave that chunk (0 where none picked it: a pick outweighed by the others
+    is read little), and ``seen`` says whether any retrieval call reached a watched position. Works for the
+    whole-sequence forward and for the inference engine's segments (whose retrieval calls carry the segment's
+    ``query_start``)."""
 
     def __init__(self, model: nn.Module, positions: list[int], chunks: list[int], batch: int = 1):
         self.model = model
         self.positions = torch.tensor(positions, dtype=torch.long)
         self.chunks = torch.tensor(chunks, dtype=torch.long)
         self.hits = torch.zeros(batch, len(positions), dtype=torch.bool)
+        self.weights = torch.zeros(batch, len(positions))
         self.seen = False
         self._hooks: list = []
 
@@ -43,5 +46,8 @@ class SourceChunkWatch:
         self.seen = True
         at = (self.positions[inside] - start).to(selection.indices.device)
         picked = selection.indices[:, at] == self.chunks[inside].to(at.device)[:, None, None]  # (B, n, heads, k)
-        picked &= selection.weights[:, at] > 0  # padding slots carry weight 0
+        weights = selection.weights[:, at].float()
+        picked &= weights > 0  # padding slots carry weight 0
         self.hits[:, inside] |= picked.flatten(2).any(-1).cpu()
+        weight = torch.where(picked, weights, 0.0).flatten(2).amax(-1).cpu()
+        self.weights[:, inside] = torch.maximum(self.weights[:, inside], weight)
