@@ -88,8 +88,8 @@ def main() -> None:
     for k, v in split.items():
         if "retrieved_pct" in v:
             print(f"  {k}: the source chunk retrieved {v['retrieved_pct']}%; right {v['pct_when_retrieved']}% when "
-                  f"retrieved, {v['pct_when_missed']}% when not; its fusion weight {v['weight_when_right']} on "
-                  f"right tokens, {v['weight_when_wrong']} on wrong ones")
+                  f"retrieved, {v['pct_when_missed']}% when not; its fusion weight where retrieved "
+                  f"{v['weight_when_right']} on right tokens, {v['weight_when_wrong']} on wrong ones")
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"args": vars(args), "chance": math.log(vocab), "curve": curve, "accuracy": split}, f, indent=1)
@@ -101,8 +101,9 @@ def copy_accuracy(model, sample, n: int, chunk_size: int, batches: int) -> dict:
     copy: inside the chunk of the matched token before it, or at the start of the next chunk (the copy then
     has to read a chunk the match did not point to). With HSA blocks, also how often some block's retrieval
     picked the chunk holding the token to copy, and the accuracy when it did and when it did not: a miss
-    there is retrieval's, a miss on a retrieved chunk is the attention's; and the mean fusion weight of that
-    chunk for right and wrong tokens (a wrong token whose chunk weighs little was outweighed by other picks)."""
+    there is retrieval's, a miss on a retrieved chunk is the attention's; and, where retrieved, the mean fusion
+    weight of that chunk for right and wrong tokens (a wrong token whose chunk weighs little was outweighed by
+    the other picks)."""
     model.eval()
     right = {"inside a chunk": [], "starts a chunk": []}
     found = {"inside a chunk": [], "starts a chunk": []}
@@ -130,7 +131,7 @@ def copy_accuracy(model, sample, n: int, chunk_size: int, batches: int) -> dict:
         out[split] = {"pct": pct(ok), "n": ok.numel()}
         if retrieves:
             out[split].update(retrieved_pct=pct(hit), pct_when_retrieved=pct(ok[hit]), pct_when_missed=pct(ok[~hit]),
-                              weight_when_right=mean(w[ok]), weight_when_wrong=mean(w[~ok]))
+                              weight_when_right=mean(w[ok & hit]), weight_when_wrong=mean(w[~ok & hit]))
     return out
 
 

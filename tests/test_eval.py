@@ -256,7 +256,8 @@ def test_answer_nll_table_weights_depths_by_samples_and_skips_results_written_be
     weighed = [{**found[0], "weight_right": 2.5, "weight_wrong": 0.1},
                {**found[1], "weight_right": 5.5, "weight_wrong": 0.7}]
     table = markdown(weighed, False).split("Fusion weight of the source chunk")[1]
-    assert "| s_niah | 0.500 / 0.100 |" in table  # right: (2.5 + 5.5) / (5 + 11); wrong: (0.1 + 0.7) / (1 + 7)
+    # over the retrieved later tokens: right (2.5 + 5.5) / (5 + 8), wrong (0.1 + 0.7) / (1 + 1)
+    assert "| s_niah | 0.615 / 0.400 |" in table
 
 
 def test_source_chunk_watch_reads_each_query_rows_picks_in_the_whole_sequence_and_in_engine_segments():

@@ -97,15 +97,15 @@ def retrieval_split(rows: list[dict]) -> dict:
 
 
 def source_weights(rows: list[dict]) -> dict:
-    """{(task, length): [fusion weight of the source chunk summed over later answer tokens that came out
-    right, how many, summed over the wrong ones, how many]} summed over depths (rows written since the
-    evaluation records it)."""
+    """{(task, length): [fusion weight of the source chunk summed over the later answer tokens that came out
+    right with it retrieved, how many, summed over the wrong ones with it retrieved, how many]} summed over
+    depths (rows written since the evaluation records it; an unretrieved chunk weighs 0 in both sums)."""
     sums: dict = {}
     for r in rows:
         if "weight_right" in r:
-            right, later = r["inside"] + r["edge"], r["inside_n"] + r["edge_n"]
             s = sums.setdefault((r["task"], r["length"]), [0.0, 0, 0.0, 0])
-            for i, value in enumerate((r["weight_right"], right, r["weight_wrong"], later - right)):
+            for i, value in enumerate((r["weight_right"], r["found_right"], r["weight_wrong"],
+                                       r["found"] - r["found_right"])):
                 s[i] += value
     return sums
 
@@ -164,9 +164,9 @@ def markdown(rows: list[dict], with_generation: bool) -> str:
         def mean_weights(w):
             return " / ".join(f"{total / n:.3f}" if n else "-" for total, n in (w[:2], w[2:]))
 
-        lines += ["", "Fusion weight of the source chunk (the largest any retrieval layer and head gave it; 0 where "
-                  "none picked it), mean over later answer tokens that came out right / wrong: a low weight on a "
-                  "wrong token means other picks outweighed it", "",
+        lines += ["", "Fusion weight of the source chunk where it was retrieved (the largest any retrieval layer and "
+                  "head gave it), mean over later answer tokens that came out right / wrong: a low weight on a "
+                  "wrong token means the other picks outweighed it", "",
                   "| task | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
         lines += [f"| {t} | " + " | ".join(mean_weights(w) if (w := weights.get((t, n))) else "" for n in lengths)
                   + " |" for t in dict.fromkeys(t for t, _ in weights)]
