@@ -334,7 +334,8 @@ def test_fused_lm_loss_on_cuda_matches_fp32_reference_under_bf16_autocast():
         assert a.dtype == torch.float32 and rel_err(a, b) < 2e-2
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])  # 64 runs FLEX_BACKWARD_TILES (on compute capability 9), 128 FlexAttention's own
+# D = 64 runs FLEX_BACKWARD_TILES (on compute capability 9), 128 FlexAttention's own tiles
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_sliding_window_block_mask_on_cuda_gives_the_banded_attention_and_its_gradients(head_dim):
     from hsa_lightning.plugins.attention.hsa_triton import _flex_sliding_window
 
