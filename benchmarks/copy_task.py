@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ModelConfig field (YAML value), e.g. --set hsa_residual=standard; repeatable")
     p.add_argument("--eval-batches", type=int, default=16, help="batches of the accuracy split after training")
+    p.add_argument("--eval-top-k", default="", help="comma-separated top-k values to measure the trained model's "
+                   "accuracy split at as well (fewer picks: less weight on the chunks that do not hold the copy)")
     p.add_argument("-o", "--output", help="write the loss curve and the accuracy split here as JSON")
     args = p.parse_args()
 
@@ -84,15 +86,25 @@ def main() -> None:
             curve.append({"step": step, "copy_loss": round(loss.item(), 4)})
             print(f"| {step} | {loss.item():.3f} | {time.time() - start:.0f} |", flush=True)
     split = copy_accuracy(model, sample, n, cfg.chunk_size, args.eval_batches)
-    print("copy accuracy after training, % (n): " + ", ".join(f"{k} {v['pct']} ({v['n']})" for k, v in split.items()))
+    _print_split("copy accuracy after training", split)
+    at_top_k = {}
+    for k in (int(x) for x in args.eval_top_k.split(",") if x):
+        model.set_top_k(k)
+        at_top_k[k] = copy_accuracy(model, sample, n, cfg.chunk_size, args.eval_batches)
+        _print_split(f"copy accuracy of the trained model at top-k {k}", at_top_k[k])
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"args": vars(args), "chance": math.log(vocab), "curve": curve, "accuracy": split,
+                       "accuracy_at_top_k": at_top_k}, f, indent=1)
+
+
+def _print_split(title: str, split: dict) -> None:
+    print(f"{title}, % (n): " + ", ".join(f"{k} {v['pct']} ({v['n']})" for k, v in split.items()))
     for k, v in split.items():
         if "retrieved_pct" in v:
             print(f"  {k}: the source chunk retrieved {v['retrieved_pct']}%; right {v['pct_when_retrieved']}% when "
                   f"retrieved, {v['pct_when_missed']}% when not; its fusion weight where retrieved "
                   f"{v['weight_when_right']} on right tokens, {v['weight_when_wrong']} on wrong ones")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump({"args": vars(args), "chance": math.log(vocab), "curve": curve, "accuracy": split}, f, indent=1)
 
 
 @torch.no_grad()
