@@ -47,6 +47,9 @@ def main() -> None:
                    "accuracy split at as well (fewer picks: less weight on the chunks that do not hold the copy)")
     p.add_argument("-o", "--output", help="write the loss curve and the accuracy split here as JSON")
     args = p.parse_args()
+    eval_top_k = [x.strip() for x in args.eval_top_k.split(",") if x.strip()]
+    if not all(x.isdigit() and int(x) > 0 for x in eval_top_k):
+        raise SystemExit(f"--eval-top-k {args.eval_top_k!r}: expected positive integers separated by commas, e.g. 2,1")
 
     load_plugins()
     vocab, n, batch, tail = 64, args.copy_len, 16, max(args.gap_max, 1)
@@ -88,7 +91,7 @@ def main() -> None:
     split = copy_accuracy(model, sample, n, cfg.chunk_size, args.eval_batches)
     _print_split("copy accuracy after training", split)
     at_top_k = {}
-    for k in (int(x) for x in args.eval_top_k.split(",") if x):
+    for k in map(int, eval_top_k):
         model.set_top_k(k)
         at_top_k[k] = copy_accuracy(model, sample, n, cfg.chunk_size, args.eval_batches)
         _print_split(f"copy accuracy of the trained model at top-k {k}", at_top_k[k])
