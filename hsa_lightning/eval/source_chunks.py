@@ -21,10 +21,13 @@ class SourceChunkWatch:
         self.model = model
         self.positions = torch.tensor(positions, dtype=torch.long)
         self.chunks = torch.tensor(chunks, dtype=torch.long)
-        self.hits = torch.zeros(batch, len(positions), dtype=torch.bool)
         self.weights = torch.zeros(batch, len(positions))
         self.seen = False
         self._hooks: list = []
+
+    @property
+    def hits(self) -> torch.Tensor:
+        return self.weights > 0  # a chunk counts as picked only with a nonzero weight (padding slots carry 0)
 
     def __enter__(self) -> "SourceChunkWatch":
         self._hooks = [m.register_forward_hook(self._record, with_kwargs=True)
@@ -48,6 +51,5 @@ class SourceChunkWatch:
         picked = selection.indices[:, at] == self.chunks[inside].to(at.device)[:, None, None]  # (B, n, heads, k)
         weights = selection.weights[:, at].float()
         picked &= weights > 0  # padding slots carry weight 0
-        self.hits[:, inside] |= picked.flatten(2).any(-1).cpu()
         weight = torch.where(picked, weights, 0.0).flatten(2).amax(-1).cpu()
         self.weights[:, inside] = torch.maximum(self.weights[:, inside], weight)
