@@ -18,6 +18,8 @@ step (against the wall time, to see host stalls); ``--sync_debug 1`` lists the o
 host wait for the GPU in one step; ``--trace_gaps DIR`` (with ``--profile``) keeps each row's Chrome trace in
 DIR and blames the GPU's idle gaps on the host code that launched the next kernel (``benchmarks/host_gaps.py``).
 With a cold cache the first compiled HSA step takes about 4 minutes (Triton autotuning, then inductor).
+``--flex_tiles measured,default`` measures the HSA model with the sliding window's measured FlexAttention
+backward tiles (``plugins/attention/hsa_triton.py::FLEX_BACKWARD_TILES``) and with FlexAttention's own choice.
 """
 from __future__ import annotations
 
@@ -36,8 +38,10 @@ from hsa_lightning.lit.parallel import ParallelConfig, prepare
 from hsa_lightning.lit.training_monitor import PEAK_BF16_TFLOPS
 from hsa_lightning.model.hsalm import HSALM
 from hsa_lightning.params import module_from_spec
+from plugins.attention import hsa_triton
 
 VARIANTS = {"HSA-UltraLong": {}, "Dense": {"attention": "Flash", "layout": "Dense"}}
+FLEX_TILES = {"measured": hsa_triton.FLEX_BACKWARD_TILES, "default": {}}  # the dense model has no sliding window
 
 
 def build(config: str, overrides: dict, parallel: ParallelConfig, device) -> HSALM:
@@ -152,6 +156,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--flex_tiles", default="measured",
+                    help="the sliding window's FlexAttention backward tiles: measured, default or both (HSA rows)")
     ap.add_argument("--profile", type=int, default=0, help="also profile this many steps per row (kernel table)")
     ap.add_argument("--sync_debug", type=int, default=0, help="report the operations that wait for the GPU in one step")
     ap.add_argument("--trace_gaps", default="",
@@ -160,6 +166,11 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="data/demo/tokenizer.json", help="the tokenizer --text was written with")
     ap.add_argument("--out", default="docs/bench/training.json")
     args = ap.parse_args()
+    tile_choices = args.flex_tiles.split(",")
+    for flag, known in (("variants", VARIANTS), ("flex_tiles", FLEX_TILES)):
+        for name in getattr(args, flag).split(","):
+            if name not in known:
+                raise SystemExit(f"--{flag}: unknown {name!r}; choose from {', '.join(known)}")
     text = None
     if args.text:
         from hsa_lightning.data.shards import stream_tokens
@@ -177,12 +188,15 @@ def main() -> None:
     rows = []
     for compiled in (bool(int(c)) for c in args.compile.split(",")):
         parallel = ParallelConfig(compile=compiled, activation_checkpointing=bool(args.activation_checkpointing))
-        for variant in args.variants.split(","):
-            overrides = VARIANTS[variant]
+        for variant, tiles in [(v, t) for v in args.variants.split(",") for t in tile_choices]:
+            if variant == "Dense" and tiles != tile_choices[0]:
+                continue
+            hsa_triton.FLEX_BACKWARD_TILES = FLEX_TILES[tiles]  # read when a unit is traced, so after the reset
             torch._dynamo.reset()
-            model = build(args.config, overrides, parallel, device)
+            model = build(args.config, VARIANTS[variant], parallel, device)
             for L in (int(x) for x in args.lengths.split(",")):
                 row = {"model": variant, "compile": compiled, "L": L, "parameters": model.num_parameters(),
+                       "flex_tiles": tiles if variant != "Dense" else "",
                        **measure(model, L, args.tokens_per_step, args.warmup, args.steps, args.profile,
                                   bool(args.sync_debug), trace_path(args.trace_gaps, variant, L), text)}
                 row["flops_per_token"] = model.flops_per_token(L)
@@ -195,12 +209,12 @@ def main() -> None:
                 torch.cuda.empty_cache()
             del model
     print(json.dumps(meta))
-    print("\n| model | compile | L | batch | step ms | tokens/s | MFU | peak GiB | HSA / Dense tokens/s |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | FlexAttention tiles | compile | L | batch | step ms | tokens/s | MFU | peak GiB | HSA / Dense tokens/s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     dense = {(r["compile"], r["L"]): r["tokens_per_s"] for r in rows if r["model"] == "Dense"}
     for r in rows:
         ratio = r["tokens_per_s"] / dense[(r["compile"], r["L"])] if r["model"] != "Dense" and (r["compile"], r["L"]) in dense else ""
-        print(f"| {r['model']} | {r['compile']} | {r['L']} | {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+        print(f"| {r['model']} | {r['flex_tiles']} | {r['compile']} | {r['L']} | {r['batch']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
               f"{r.get('mfu', 0):.1%} | {r['peak_gib']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |")
 
 

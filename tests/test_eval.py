@@ -296,6 +296,15 @@ def test_source_chunk_watch_reads_each_query_rows_picks_in_the_whole_sequence_an
     assert watch.hits.tolist() == [[True, False, True]]
     assert watch.weights.tolist() == [[1.0, 0.0, 0.5]]
     assert not layer._forward_hooks  # closed: no hook left behind
+    # opened under bf16-true precision (bf16 the default dtype, bf16 fusion weights): fp32 weights all the same
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with SourceChunkWatch(model, [1, 2], [1, 4]) as watch:
+            layer(x, landmarks)
+    finally:
+        torch.set_default_dtype(default)
+    assert watch.weights.dtype == torch.float32 and watch.weights.tolist() == [[0.5, 1.0]]
 
 
 GRID = ["--data.init_args.lengths", "[512, 1024]", "--data.init_args.depths", "[0, 100]",

@@ -21,7 +21,8 @@ class SourceChunkWatch:
         self.model = model
         self.positions = torch.tensor(positions, dtype=torch.long)
         self.chunks = torch.tensor(chunks, dtype=torch.long)
-        self.weights = torch.zeros(batch, len(positions))
+        # fp32 whatever the default dtype (Lightning's bf16-true precision makes bf16 the default in the test step)
+        self.weights = torch.zeros(batch, len(positions), dtype=torch.float32)
         self.seen = False
         self._hooks: list = []
 
