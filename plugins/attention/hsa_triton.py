@@ -27,7 +27,8 @@ MAX_FUSED_TOPK_X_WIDTH = 8192  # top_k * retrieval width the fused select kernel
 FLEX_ALIGN = 128  # FlexAttention's block: lengths it takes (others take the banded SDPA path)
 # FlexAttention backward tiles by head dim, for bf16 / fp16 on Hopper (compute capability 9), where measured
 # better than its defaults for the band: D = 64, window 512, 16K tokens, H200: 0.626 instead of 0.775 ms
-# (benchmarks/flex_window.py, docs/benchmarks.md). Other head dims, dtypes and GPUs keep FlexAttention's choice.
+# (benchmarks/flex_window.py, docs/benchmarks.md); inside compiled units the training step ran no faster with
+# them (session 13). Other head dims, dtypes and GPUs keep FlexAttention's choice.
 FLEX_BACKWARD_TILES = {64: dict(bwd_BLOCK_M1=32, bwd_BLOCK_N1=64, bwd_BLOCK_M2=64, bwd_BLOCK_N2=32,
                                 bwd_num_warps=4, bwd_num_stages=3)}
 
