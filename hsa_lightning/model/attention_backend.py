@@ -20,17 +20,17 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from hsa_lightning.errors import PluginError
 from hsa_lightning.kernels.retrieval import retrieval_scores, select_chunks
-from hsa_lightning.model.config import ModelConfig
+from hsa_lightning.model.config import Fusion, ModelConfig
 from hsa_lightning.registry import Registry, kind_registry
 
-FUSIONS = ("softmax", "stick_breaking", "joint", "joint_scored", "softmax_and_union")
+FUSIONS = get_args(Fusion)
 
 
 @dataclass

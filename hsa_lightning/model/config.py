@@ -6,6 +6,9 @@ from typing import Literal, Optional
 
 from hsa_lightning.errors import ConfigError
 
+# How each token combines the chunks it picked (ModelConfig.fusion); attention_backend.FUSIONS is this list
+Fusion = Literal["softmax", "stick_breaking", "joint", "joint_scored", "softmax_and_union"]
+
 
 @dataclass
 class ModelConfig:
@@ -36,7 +39,7 @@ class ModelConfig:
     """Total width of the retrieval query/landmark over all retrieval heads; default d_model."""
     landmark: Literal["encoder", "mean"] = "encoder"
     """``encoder``: bidirectional layer + CLS per chunk. ``mean``: mean-pooled chunk (ablation)."""
-    fusion: Literal["softmax", "stick_breaking", "joint", "joint_scored", "softmax_and_union"] = "softmax"
+    fusion: Fusion = "softmax"
     """How the selected chunks' outputs are combined (softmax over the selected scores is the paper's;
     ``joint``: one softmax over the union of their keys, as MoBA; ``joint_scored``: the same with each
     chunk's retrieval score added to its keys' logits, so retrieval still learns; ``softmax_and_union``:
