@@ -325,14 +325,9 @@ def _eval(tmp_path, out, *extra):
 def test_evaluation_runs_in_bf16_true_precision_as_the_gpu_evaluations_do(tmp_path):
     # configs/experiments/eval.yaml tests in bf16-true, which makes bf16 the default dtype inside the test
     # step: the evaluator's own tensors must not follow it (session 13's GPU evaluations failed on that)
-    args = ["test", "--config", str(ROOT / "configs/tiny.yaml"), "--config", str(ROOT / "configs/eval/tiny.yaml"),
-            "--data.init_args.lengths", "[512, 1024]", "--data.init_args.depths", "[0]", "--data.init_args.samples", "1",
-            "--data.init_args.tasks", "[s_niah]", "--data.init_args.ppl_lengths", "[512]",
-            "--data.init_args.ppl_corpus", str(ROOT / "README.md"), "--trainer.enable_progress_bar", "false",
-            "--trainer.precision", "bf16-true", "--trainer.callbacks.init_args.engine_threshold", "512",  # 1024: engine
-            "--trainer.callbacks.init_args.output_dir", str(tmp_path / "bf16")]
-    res = run_cli(args, tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _eval(tmp_path, "bf16", "--data.init_args.depths", "[0]", "--data.init_args.samples", "1",
+          "--data.init_args.tasks", "[s_niah]", "--data.init_args.ppl_lengths", "[512]",
+          "--trainer.precision", "bf16-true", "--trainer.callbacks.init_args.engine_threshold", "512")  # 1024: engine
     rows = [json.loads(line) for line in (tmp_path / "bf16/samples.jsonl").read_text().splitlines()]
     niah = [r for r in rows if r["task"] == "s_niah"]
     assert len(niah) == 2 and all(len(r["source_chunk_weight"]) == len(r["answer_token_correct"]) for r in niah)
