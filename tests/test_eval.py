@@ -305,6 +305,16 @@ def test_source_chunk_watch_reads_each_query_rows_picks_in_the_whole_sequence_an
     finally:
         torch.set_default_dtype(default)
     assert watch.weights.dtype == torch.float32 and watch.weights.tolist() == [[0.5, 1.0]]
+    # read_successor: one head reads a chunk twice (picked, and as the successor of the chunk before it)
+    def picks_twice(x, landmarks, doc_start=None, query_start=0):
+        indices = torch.tensor([[2, 1, 2, 3], [0, 2, 2, 1]]).expand(x.shape[1], 2, 4)
+        weights = torch.tensor([[0.25, 0.125, 0.5, 0.125], [0.5, 0.125, 0.25, 0.125]]).expand(x.shape[1], 2, 4)
+        return Selection(indices=indices[None], weights=weights[None])
+
+    layer.forward = picks_twice
+    with SourceChunkWatch(model, [1, 1], [2, 1]) as watch:
+        layer(x, landmarks)
+    assert watch.weights.tolist() == [[0.75, 0.125]]  # both slots of head 0 (0.25 + 0.5) beat head 1's 0.375
 
 
 GRID = ["--data.init_args.lengths", "[512, 1024]", "--data.init_args.depths", "[0, 100]",
@@ -442,3 +452,25 @@ def test_length_eval_refuses_sharded_strategies_before_building_anything(strateg
         f"the LengthEval suite runs the whole model on each device (one device or DDP), not under {strategy}; "
         "stack configs/strategies/single.yaml or ddp.yaml, and make a sharded checkpoint one file first "
         "(python -m hsa_lightning.lit.consolidate FOLDER)")
+
+
+def test_source_weights_splits_answer_tokens_by_place_and_outcome(tmp_path, capsys):
+    from benchmarks.source_weights import main as source_weights
+
+    rows = [{"task": "s_niah", "answer_token_correct": [True, True, False, False],
+             "copy_starts_chunk": [False, True, False], "source_chunk_weight": [0.95, 0.2, 0.3, 0.92]},
+            {"task": "s_niah", "answer_token_correct": [False, True, True, False],
+             "copy_starts_chunk": [False, False, True], "source_chunk_weight": [0.6, 1.0, 0.7, 0.1]},
+            {"task": "vt", "answer_token_correct": [False], "source_chunk_weight": [0.0]},  # another task
+            {"task": "s_niah", "answer_token_correct": [False, False]}]  # evaluated before the weights were recorded
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert source_weights([str(tmp_path)]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert table[1:] == ["| first | right | 1 | 0.950 | 0% | 100% |",
+                         "| first | wrong | 1 | 0.600 | 0% | 0% |",
+                         "| inside a chunk | right | 3 | 0.633 | 33% | 33% |",  # 0.2, 1.0, 0.7
+                         "| inside a chunk | wrong | 1 | 0.920 | 0% | 100% |",
+                         "| starts a chunk | wrong | 2 | 0.200 | 100% | 0% |"]  # none right: no row
+    (tmp_path / "samples.jsonl").write_text(json.dumps(rows[3]) + "\n")
+    with pytest.raises(SystemExit, match="no s_niah row of .* records source_chunk_weight"):
+        source_weights([str(tmp_path)])

@@ -12,7 +12,7 @@ class SourceChunkWatch:
     """While open, every retrieval layer of ``model`` reports, for each query position in ``positions``,
     whether it picked (with a nonzero weight) the chunk in ``chunks`` at the same index; ``hits`` (batch,
     len(positions)) is the OR over layers and heads, for every row of the batch, ``weights`` the largest
-    fusion weight any layer and head gave that chunk (0 where none picked it: a pick outweighed by the others
+    fusion weight any layer and head gave that chunk (summed over a head's slots holding it) (0 where none picked it: a pick outweighed by the others
     is read little), and ``seen`` says whether any retrieval call reached a watched position. Works for the
     whole-sequence forward and for the inference engine's segments (whose retrieval calls carry the segment's
     ``query_start``)."""
@@ -52,5 +52,7 @@ class SourceChunkWatch:
         picked = selection.indices[:, at] == self.chunks[inside].to(at.device)[:, None, None]  # (B, n, heads, k)
         weights = selection.weights[:, at].float()
         picked &= weights > 0  # padding slots carry weight 0
-        weight = torch.where(picked, weights, 0.0).flatten(2).amax(-1).cpu()
+        # a head that reads the chunk twice (a pick and the successor of the pick before it: read_successor)
+        # gives it both slots' weights; then the largest over heads
+        weight = torch.where(picked, weights, 0.0).sum(-1).amax(-1).cpu()
         self.weights[:, inside] = torch.maximum(self.weights[:, inside], weight)
