@@ -38,7 +38,8 @@ def test_segmented_prefill_then_decode_equals_full_forward(attention, layout):
 
 
 @pytest.mark.parametrize("fusion,options", [("stick_breaking", {}), ("joint", {}), ("joint_scored", {}),
-                                            ("joint_scored", {"read_successor": True}), ("softmax_and_union", {})],
+                                            ("joint_scored", {"read_successor": True}), ("softmax_and_union", {}),
+                                            ("softmax", {"landmark": "mean_shifted"})],
                          ids=str)
 @pytest.mark.parametrize("offload", [False, True])
 def test_every_fusion_prefills_and_decodes_as_the_full_forward(fusion, options, offload):

@@ -29,7 +29,8 @@ def test_future_tokens_never_change_past_logits(attention, layout):
 
 @pytest.mark.parametrize("fusion", ["stick_breaking", "joint", "joint_scored", "softmax_and_union"])
 @pytest.mark.parametrize("options", [{}, {"landmark": "mean", "recency_bias": True, "hsa_residual": "standard"},
-                                     {"position_in_hsa": True}, {"read_successor": True}])
+                                     {"position_in_hsa": True}, {"read_successor": True},
+                                     {"landmark": "mean_shifted", "hsa_residual": "standard"}])
 def test_causality_holds_for_hsa_options(fusion, options):
     model = build_model(fusion=fusion, **options).eval()
     x = torch.randint(0, 64, (1, 40))
@@ -177,6 +178,26 @@ def test_rope_table_keeps_float64_angles_and_is_an_opaque_op():
 
     torch.testing.assert_close(dot(5, 2), dot(1_000_005, 1_000_002), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(dot(5, 2), dot(5, 3), rtol=1e-3)
+
+
+def test_shifted_landmarks_pool_the_tokens_one_position_earlier_across_calls():
+    """``landmark="mean_shifted"``: chunk c's landmark is the projected mean of the normalised tokens at
+    cS-1 .. cS+S-2 (a zero row before the sequence); built in two calls with the hidden state before the
+    second, it equals the one-call memory (the inference engine builds it chunk by chunk)."""
+    model = build_model(landmark="mean_shifted").eval()
+    enc, S = model.encoder, model.config.chunk_size
+    h = torch.randn(2, 4 * S + 3, model.config.d_model, dtype=torch.float64)
+    whole = enc(h)
+    tokens = torch.cat([torch.zeros_like(h[:, :1]), enc.out_norm(h)], 1)  # index p + 1 holds position p
+    for c in range(4):
+        want = enc.landmark_proj(tokens[:, c * S:(c + 1) * S].mean(1)).view(2, model.config.hsa_kv_heads, -1)
+        torch.testing.assert_close(whole.landmarks[:, c], want, rtol=1e-12, atol=1e-12)
+    plain = build_model(landmark="mean").eval()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain.encoder(h).landmarks[:, :4], whole.landmarks[:, :4])  # the shift is real
+    later = enc(h[:, 2 * S:], 2 * S, h[:, 2 * S - 1:2 * S])
+    torch.testing.assert_close(later.landmarks[:, :2], whole.landmarks[:, 2:4], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(later.k[:, :2 * S], whole.k[:, 2 * S:4 * S], rtol=0, atol=0)
 
 
 def test_position_in_hsa_rotates_hsa_queries_and_memory_keys_by_relative_position():

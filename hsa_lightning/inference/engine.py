@@ -83,6 +83,7 @@ class InferenceEngine:
                                     cfg.resolved_head_dim, cfg.resolved_retrieval_dim, self.device, self.dtype,
                                     self.offload)
         self.pending: torch.Tensor | None = None  # lower-decoder output of the incomplete last chunk
+        self.before: torch.Tensor | None = None  # ... of the last stored chunk's last token (landmark mean_shifted)
 
     def _new_caches(self, blocks, position: int) -> list[LayerCache]:
         caches = []
@@ -138,7 +139,8 @@ class InferenceEngine:
             h = x if self.pending is None else torch.cat([self.pending, x], 1)
             complete = h.shape[1] // self.store.chunk_size * self.store.chunk_size
             if complete:  # h starts where the pending (incomplete-chunk) tokens do
-                self.store.append(self.model.encoder(h[:, :complete], self.position + T - h.shape[1]))
+                self.store.append(self.model.encoder(h[:, :complete], self.position + T - h.shape[1], self.before))
+                self.before = h[:, complete - 1:complete].clone()
             self.pending = h[:, complete:].clone()
         self.position += T
         return x

@@ -3,10 +3,12 @@
 Per chunk of S tokens, a bidirectional encoder layer runs over the chunk plus a learned CLS vector
 appended at position S (RoPE over positions 0..S inside the chunk). K and V come from the encoded
 tokens, the landmark from the CLS output. Option ``landmark="mean"``: no encoder, the landmark is the
-mean of the normalised chunk. With ``position_in_hsa`` the keys are also rotated at their absolute
-positions ``start``.. (``start``: where ``h`` begins in the sequence). A sequence whose length is not a
-multiple of S is padded here; the padded chunk is incomplete, so the visibility rule never lets a real
-token read it.
+mean of the normalised chunk; ``"mean_shifted"``: the mean of the normalised tokens one position earlier
+(positions cS-1 .. cS+S-2 for chunk c; ``before`` is the hidden state just before ``h``, zeros at the
+sequence's start), so the landmark covers the tokens whose successors the chunk holds. With
+``position_in_hsa`` the keys are also rotated at their absolute positions ``start``.. (``start``: where
+``h`` begins in the sequence). A sequence whose length is not a multiple of S is padded here; the padded
+chunk is incomplete, so the visibility rule never lets a real token read it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class ChunkEncoder(Recomputable):
         d, D, std = cfg.d_model, cfg.resolved_head_dim, cfg.init_std
         self.S, self.hkv, self.head_dim = cfg.chunk_size, cfg.hsa_kv_heads, D
         self.use_encoder = cfg.landmark == "encoder"
+        self.shift_landmark = cfg.landmark == "mean_shifted"
         out_std = std / (2 * cfg.n_layers) ** 0.5
         if self.use_encoder:
             self.cls = nn.Parameter(torch.empty(d))
@@ -49,7 +52,7 @@ class ChunkEncoder(Recomputable):
         if self.use_encoder:
             nn.init.normal_(self.cls, std=self.std)
 
-    def compute(self, h: torch.Tensor, start: int = 0) -> ChunkMemory:
+    def compute(self, h: torch.Tensor, start: int = 0, before: torch.Tensor | None = None) -> ChunkMemory:
         B, T, d = h.shape
         S = self.S
         C = -(-T // S)
@@ -62,7 +65,11 @@ class ChunkEncoder(Recomputable):
             tokens, summary = x[:, :S], x[:, S]
         else:
             tokens = self.out_norm(x)
-            summary = tokens.mean(dim=1)
+            pooled = tokens
+            if self.shift_landmark:
+                first = tokens.new_zeros(B, 1, d) if before is None else self.out_norm(before)
+                pooled = torch.cat([first, tokens.view(B, C * S, d)[:, :-1]], 1).view(B * C, S, d)
+            summary = pooled.mean(dim=1)
         k = self.k_norm(self.k_proj(tokens).view(B, C * S, self.hkv, self.head_dim))
         if self.position is not None:
             k = self.position.rotate(k, torch.arange(start, start + C * S, device=h.device))

@@ -37,8 +37,11 @@ class ModelConfig:
     """SWA window inside HSA blocks; default ``window``."""
     retrieval_dim: Optional[int] = None
     """Total width of the retrieval query/landmark over all retrieval heads; default d_model."""
-    landmark: Literal["encoder", "mean"] = "encoder"
-    """``encoder``: bidirectional layer + CLS per chunk. ``mean``: mean-pooled chunk (ablation)."""
+    landmark: Literal["encoder", "mean", "mean_shifted"] = "encoder"
+    """``encoder``: bidirectional layer + CLS per chunk. ``mean``: mean-pooled chunk (ablation).
+    ``mean_shifted`` (not the paper's): the mean of the tokens one position earlier, so each chunk is
+    summarised by the tokens whose successors it holds and a query copying the token after its own finds
+    that chunk, also where the successor starts a new chunk."""
     fusion: Fusion = "softmax"
     """How the selected chunks' outputs are combined (softmax over the selected scores is the paper's;
     ``joint``: one softmax over the union of their keys, as MoBA; ``joint_scored``: the same with each
