@@ -12,10 +12,10 @@ class SourceChunkWatch:
     """While open, every retrieval layer of ``model`` reports, for each query position in ``positions``,
     whether it picked (with a nonzero weight) the chunk in ``chunks`` at the same index; ``hits`` (batch,
     len(positions)) is the OR over layers and heads, for every row of the batch, ``weights`` the largest
-    fusion weight any layer and head gave that chunk (summed over a head's slots holding it) (0 where none picked it: a pick outweighed by the others
-    is read little), and ``seen`` says whether any retrieval call reached a watched position. Works for the
-    whole-sequence forward and for the inference engine's segments (whose retrieval calls carry the segment's
-    ``query_start``)."""
+    fusion weight any layer and head gave that chunk, summed over a head's slots holding it (0 where none
+    picked it: a pick outweighed by the others is read little), and ``seen`` says whether any retrieval
+    call reached a watched position. Works for the whole-sequence forward and for the inference engine's
+    segments (whose retrieval calls carry the segment's ``query_start``)."""
 
     def __init__(self, model: nn.Module, positions: list[int], chunks: list[int], batch: int = 1):
         self.model = model
